@@ -1,0 +1,41 @@
+r"""Train: the embedded demo by default, or any preset of configs/distill.py / configs/sft.py.
+
+    python launch/train.py --config configs/distill.py [--workdir runs/demo] [--config.total_steps=100]
+
+All logic lives in rskd_jax.train.run (importable, tested); this file only parses flags.
+"""
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "distill.py"), "Config file[:preset,key=value,...].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, report). "
+                               "Default: runs/<preset>.")
+_STAGE = flags.DEFINE_enum("stage", "auto", ["auto", "teacher", "student_sft", "distill", "eval"],
+                           "Run one stage only (auto = everything the config asks for, resuming what is done).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from rskd_jax.train.run import run  # noqa: PLC0415  (import after flag parsing: jax start-up)
+
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", config.get("preset", "run"))
+    run(config, workdir, stage=_STAGE.value)
+
+
+def run_cli():
+    app.run(main)
+
+
+run = run_cli  # console script entry point `rskd-train`
+
+if __name__ == "__main__":
+    run_cli()

@@ -1,0 +1,195 @@
+"""Grain input pipeline: sources -> per-epoch global shuffle -> process shard -> epochs -> weighted mixture
+-> transform (bad records raise or are skipped and counted) -> fixed-shape numpy batches -> worker
+processes.
+
+Order of one component (source i, seed s_i derived from `seed`):
+
+    MapDataset.source(src).shuffle(s_i)[shard_index::shard_count].repeat(num_epochs)
+
+`ShuffleMapDataset` reshuffles every epoch (index // len picks the epoch), and `SliceMapDataset` maps index
+e * len(shard) + j of the repeated shard to position `shard_index + j * shard_count` of epoch e's
+permutation, so in every epoch the shards are disjoint and together cover every record exactly once
+(shard sizes differ by at most one record). Components are mixed with `MapDataset.mix` (deterministic
+interleave by weight; the mixture ends when any finite component runs out). Batches are fixed-shape
+dicts of numpy arrays (the batch contract in transforms.ExampleTransform), `drop_remainder` by default.
+
+State: the iterator's `get_state()`/`set_state()` (also through `grain.checkpoint.CheckpointSave/Restore`
+in an orbax `CheckpointManager`) resume exactly, provided the pipeline is rebuilt with the same
+arguments, including `num_workers` (Grain batches inside each worker, so the batch composition depends on
+the worker count).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from rskd_jax.data.errors import BadRecords, DataError
+
+
+class _Guarded:
+    """Applies the transform; on `DataError` raises (default) or returns None after counting + logging."""
+
+    def __init__(self, transform: Callable[[dict], dict], skip_bad_records: bool, with_metadata: bool):
+        self.transform, self.with_metadata = transform, with_metadata
+        self.bad = BadRecords(skip_bad_records, "pipeline")
+
+    def __call__(self, item):
+        source_id, example_id, record = item
+        try:
+            out = self.transform(record)
+        except DataError as e:
+            self.bad(e)
+            return None
+        if self.with_metadata:
+            out = {**out, "example_id": np.int32(example_id), "source_id": np.int32(source_id)}
+        return out
+
+
+def _derive_seed(seed: int, i: int) -> int:
+    return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+
+
+def default_shard() -> tuple[int, int]:
+    """(jax.process_index(), jax.process_count())."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    return jax.process_index(), jax.process_count()
+
+
+def make_dataset(
+    sources: Sequence[Any] | Any,
+    transform: Callable[[dict], dict],
+    *,
+    batch_size: int,
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    drop_remainder: bool = True,
+    skip_bad_records: bool = False,
+    with_metadata: bool = False,
+    read_threads: int = 4,
+) -> grain.IterDataset:
+    """Batched `grain.IterDataset` of this process's shard.
+
+    Args:
+      sources: one random-access source or a list of them (mixed with `weights`, default uniform).
+      transform: record -> dict of fixed-shape arrays (e.g. `ExampleTransform`); `DataError` = bad record.
+      batch_size: per-process batch size.
+      seed: shuffle seed; the same on every process (global shuffle, then shard).
+      num_epochs: None = repeat forever (training); 1 for evaluation.
+      shard_index, shard_count: this process's shard; default `jax.process_index()/process_count()`.
+      skip_bad_records: skip and count (logged) records whose transform raises `DataError`.
+      with_metadata: add `example_id` (index in its source) and `source_id` (index in `sources`), int32 [B].
+      read_threads: threads per process (per worker) reading and transforming elements.
+    """
+    if not isinstance(sources, (list, tuple)):
+        sources = [sources]
+    if shard_index is None or shard_count is None:
+        shard_index, shard_count = default_shard()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} not in [0, shard_count={shard_count})")
+    comps = []
+    for i, src in enumerate(sources):
+        if len(src) < shard_count:
+            raise ValueError(
+                f"source {i} ({src!r}) has {len(src)} records, fewer than shard_count={shard_count}"
+            )
+        n = len(src)  # later epochs reach the source with index e * n + k
+        ds = grain.MapDataset.source(src).map_with_index(lambda k, r, i=i, n=n: (i, k % n, r))
+        if shuffle:
+            ds = ds.shuffle(_derive_seed(seed, i))
+        ds = ds[shard_index::shard_count]
+        if num_epochs != 1:
+            ds = ds.repeat(num_epochs)
+        comps.append(ds)
+    if len(comps) > 1:
+        ds = grain.MapDataset.mix(comps, weights)
+    elif weights is not None and len(weights) != 1:
+        raise ValueError(f"{len(weights)} weights for 1 source")
+    else:
+        ds = comps[0]
+    ds = ds.map(_Guarded(transform, skip_bad_records, with_metadata))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size))
+    return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def make_iterator(dataset: grain.IterDataset, num_workers: int = 0, per_worker_buffer_size: int = 2):
+    """Iterator over `dataset` with `num_workers` worker processes (0 = in this process). Close it
+    (`it.close()`, when it has one) when done; its `get_state()` is what checkpoints store."""
+    if num_workers > 0:
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=num_workers, per_worker_buffer_size=per_worker_buffer_size
+            )
+        ).map(_own_memory)
+    return iter(dataset)
+
+
+def _own_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Copies a worker's shared-memory batch into ordinary arrays so the shared block is freed at once
+    (otherwise blocks live until garbage collection and leak warnings appear at exit)."""
+    return {k: np.array(v, copy=True) for k, v in batch.items()}
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Pads a short final batch to `batch_size` by repeating its last row; `example_id` of the padding
+    rows is -1 (evaluators drop them)."""
+    n = len(next(iter(batch.values())))
+    if n == batch_size:
+        return batch
+    idx = np.minimum(np.arange(batch_size), n - 1)
+    out = {k: v[idx] for k, v in batch.items()}
+    if "example_id" in out:
+        out["example_id"] = np.where(np.arange(batch_size) < n, out["example_id"], -1).astype(np.int32)
+    return out
+
+
+def eval_batches(
+    source: Any,
+    transform: Callable[[dict], dict],
+    batch_size: int,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_workers: int = 0,
+    skip_bad_records: bool = False,
+) -> Iterator[tuple[dict[str, np.ndarray], list[dict]]]:
+    """One unshuffled pass over this process's shard, in full batches (the last one padded, see
+    `pad_batch`), each with the raw records of its real rows (`source[example_id]`: answers, classes,
+    boxes...), in order."""
+    ds = make_dataset(
+        source,
+        transform,
+        batch_size=batch_size,
+        shuffle=False,
+        num_epochs=1,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        drop_remainder=False,
+        skip_bad_records=skip_bad_records,
+        with_metadata=True,
+    )
+    it = make_iterator(ds, num_workers)
+    try:
+        for batch in it:
+            batch = pad_batch(batch, batch_size)
+            yield batch, [source[int(k)] for k in batch["example_id"] if k >= 0]
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+
+
+def num_batches(
+    num_records: int, batch_size: int, shard_index: int, shard_count: int, drop_remainder: bool = True
+) -> int:
+    """Batches per epoch of one shard of a single source (records shard_index, shard_index + count, ...)."""
+    n = len(range(shard_index, num_records, shard_count))
+    return n // batch_size if drop_remainder else math.ceil(n / batch_size)

@@ -1,0 +1,140 @@
+"""Teacher-mixed sampling (MiniLLM, paper Eq. 4) as one compiled loop, and greedy decoding for evaluation.
+
+Student and teacher each keep their own KV cache over the same image + prompt. At every step the next token is
+drawn from the token-level mixture  p~ = alpha * p_teacher + (1 - alpha) * q_student  in probability space, after
+temperature / top-k / top-p are applied to both distributions (as MiniLLM's patched `generate` does). alpha = 0 is
+plain on-policy sampling; `greedy=True` takes the argmax of the mixture (alpha = 0: the student's greedy decode).
+
+Everything here runs inside `jax.jit`: prefill, then a `lax.while_loop` over new tokens that stops as soon as every
+row has emitted EOS (no Python per token).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import flax
+
+
+@flax.struct.dataclass
+class Rollout:
+    """Output of `sample`. All arrays are [B, R] (R = max_new_tokens)."""
+
+    tokens: jax.Array  # int32; pad after the first EOS
+    mask: jax.Array  # float32; 1 for generated tokens up to and including the first EOS
+    student_logprobs: jax.Array  # log q(y_t) under the processed (temperature/top-k/top-p) student distribution
+    teacher_logprobs: jax.Array  # log p(y_t) under the processed teacher distribution (0 when no teacher)
+    weights: jax.Array  # importance weights q / (alpha p + (1 - alpha) q) on the sampled tokens
+    lengths: jax.Array  # int32 [B]: number of valid tokens (including EOS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 32
+    alpha: float = 0.2  # teacher mix-in strength (paper: 0.2)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    greedy: bool = False
+
+
+def process_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Temperature, then top-k, then top-p (HF order); removed entries become -inf. Float32 out."""
+    logits = logits.astype(jnp.float32) / max(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        exclusive = jnp.cumsum(probs, axis=-1) - probs
+        remove_sorted = exclusive > top_p  # keeps at least the most likely token
+        remove = jnp.zeros_like(remove_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        logits = jnp.where(remove, -jnp.inf, logits)
+    return logits
+
+
+def _next_logits(model, ids, mask, cache, pixel_values=None, vision_features=None):
+    """Runs `model` on `ids` with `cache` and returns the logits of the last position [B, V] and the new cache."""
+    last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
+    out = model(ids, pixel_values, attention_mask=mask, cache=cache, vision_features=vision_features,
+                logits_at=last)
+    return out.logits[:, 0].astype(jnp.float32), out.cache
+
+
+def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, *, eos_id: int, pad_id: int,
+           pixel_values=None, student_vision_features=None, teacher_vision_features=None) -> Rollout:
+    """Samples `cfg.max_new_tokens` tokens per row from the teacher-mixed distribution.
+
+    prompt_ids / prompt_mask: [B, P], LEFT-padded (so every row's last prompt token sits at P - 1).
+    teacher may be None (then alpha must be 0 and teacher_logprobs are 0).
+    """
+    if teacher is None and cfg.alpha > 0:
+        raise ValueError("teacher-mixed sampling (alpha > 0) needs a teacher model")
+    batch, plen = prompt_ids.shape
+    steps = cfg.max_new_tokens
+    total = plen + steps
+    use_teacher = teacher is not None
+    proc = lambda lg: process_logits(lg, cfg.temperature, cfg.top_k, cfg.top_p)
+
+    s_logits, s_cache = _next_logits(student, prompt_ids, prompt_mask, student.init_cache(batch, total),
+                                     pixel_values, student_vision_features)
+    if use_teacher:
+        t_logits, t_cache = _next_logits(teacher, prompt_ids, prompt_mask, teacher.init_cache(batch, total),
+                                         pixel_values, teacher_vision_features)
+    else:
+        t_logits, t_cache = jnp.zeros_like(s_logits), None
+
+    zeros_f = jnp.zeros((batch, steps), jnp.float32)
+    init = dict(t=jnp.int32(0), done=jnp.zeros((batch,), bool), rng=rng, s_logits=s_logits, t_logits=t_logits,
+                s_cache=s_cache, t_cache=t_cache, tokens=jnp.full((batch, steps), pad_id, jnp.int32),
+                mask=zeros_f, s_lp=zeros_f, t_lp=zeros_f, w=zeros_f)
+
+    def cond(c):
+        return (c["t"] < steps) & ~jnp.all(c["done"])
+
+    def body(c):
+        rng, key = jax.random.split(c["rng"])
+        log_q = jax.nn.log_softmax(proc(c["s_logits"]), axis=-1)
+        if use_teacher:
+            log_p = jax.nn.log_softmax(proc(c["t_logits"]), axis=-1)
+            if cfg.alpha > 0:
+                log_mix = jnp.logaddexp(jnp.log(cfg.alpha) + log_p, jnp.log1p(-cfg.alpha) + log_q) \
+                    if cfg.alpha < 1 else log_p
+            else:
+                log_mix = log_q
+        else:
+            log_p, log_mix = jnp.zeros_like(log_q), log_q
+        tok = jnp.argmax(log_mix, -1) if cfg.greedy else jax.random.categorical(key, log_mix, axis=-1)
+        tok = tok.astype(jnp.int32)
+        valid = ~c["done"]
+        pick = lambda lp: jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+        lq, lp_, lm = pick(log_q), pick(log_p), pick(log_mix)
+        t = c["t"]
+        upd = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], t, axis=1)
+        vf = valid.astype(jnp.float32)
+        tokens = upd(c["tokens"], jnp.where(valid, tok, pad_id))
+        out = dict(c, t=t + 1, rng=rng, tokens=tokens, mask=upd(c["mask"], vf), s_lp=upd(c["s_lp"], lq * vf),
+                   t_lp=upd(c["t_lp"], lp_ * vf), w=upd(c["w"], jnp.where(valid, jnp.exp(lq - lm), 0.0)),
+                   done=c["done"] | (tok == eos_id))
+        feed = jnp.where(valid, tok, pad_id)[:, None]
+        feed_mask = valid.astype(jnp.int32)[:, None]
+        out["s_logits"], out["s_cache"] = _next_logits(student, feed, feed_mask, c["s_cache"])
+        if use_teacher:
+            out["t_logits"], out["t_cache"] = _next_logits(teacher, feed, feed_mask, c["t_cache"])
+        return out
+
+    c = jax.lax.while_loop(cond, body, init)
+    return Rollout(tokens=c["tokens"], mask=c["mask"], student_logprobs=c["s_lp"], teacher_logprobs=c["t_lp"],
+                   weights=c["w"], lengths=c["mask"].sum(-1).astype(jnp.int32))
+
+
+def greedy_generate(model, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_id: int, pad_id: int,
+                    pixel_values=None, vision_features=None) -> Rollout:
+    """Greedy decoding of one model (evaluation); the same loop with alpha = 0 and argmax."""
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, alpha=0.0, greedy=True)
+    return sample(model, None, prompt_ids, prompt_mask, jax.random.key(0), cfg, eos_id=eos_id, pad_id=pad_id,
+                  pixel_values=pixel_values, student_vision_features=vision_features)

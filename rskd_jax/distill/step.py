@@ -1,0 +1,330 @@
+"""The sharded distillation (and SFT) train step: one jit-compiled `(state, batch, rng) -> (state, metrics)`.
+
+Per step, for each micro-batch (gradient accumulation is a `lax.scan` over micro-batches):
+1. rollout (no gradient): teacher-mixed sampling from the current student (rollout.py);
+2. teacher forward (frozen, no gradient) and student forward over prompt + sampled response; the vocabulary-sized
+   terms are computed only at response positions:
+   - single-step reverse KL  sum_v q (log q - log p)               (MiniLLM `_reg_loss`, weight `rkl`)
+   - long-term policy gradient with length-normalised returns,
+     importance weights and PPO clipping                           (MiniLLM `_pg_loss`, weight `pg`)
+3. teacher + student forward over the ground-truth conversation (only when a term below has a weight):
+   - SFT cross-entropy on the answer tokens                         (weight `sft`)
+   - forward KL to the teacher on the answer tokens                 (MiniLLM L_PT's KD part, weight `fkl`)
+   - feature alignment, image tokens and answer tokens averaged
+     separately, through learned student->teacher width maps      (weights `feat_image`, `feat_text`,
+                                                                     `feat_proj` on projected image tokens)
+4. clip + AdamW update of the trainable subset only (full student, LoRA, or a regex), alignment maps included.
+   A step whose loss or gradients are not finite is skipped (state unchanged) and reported in `metrics["skipped"]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rskd_jax.distill import losses as L
+from rskd_jax.distill import rollout as R
+
+
+# ----------------------------------------------------------------------------------------------- containers
+class DistillStudent(nnx.Module):
+    """The trainable side: the student model plus the student->teacher feature maps (dropped at export)."""
+
+    def __init__(self, model, maps: dict | None = None):
+        self.model = model
+        self.maps = nnx.Dict(maps or {})
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State  # trainable subset of DistillStudent
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def path_str(path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def trainable_filter(spec: str):
+    """nnx filter for the trainable subset of a `DistillStudent` (feature maps are always trainable).
+
+    spec: "all" (every student weight except the frozen CLIP tower), "all+vision", "lora" (LoRA adapters only), or a
+    regex searched in the '/'-joined parameter path (big_vision style, e.g. "model/projector/.*").
+    """
+    def is_map(path):
+        return len(path) > 0 and path[0] == "maps"
+
+    if spec == "lora":
+        from rskd_jax.models.lora import LoRAParam  # noqa: PLC0415
+        return lambda path, v: isinstance(v, nnx.Param) and (is_map(path) or isinstance(v, LoRAParam))
+    if spec in ("all", "all+vision"):
+        keep_vision = spec == "all+vision"
+        return lambda path, v: isinstance(v, nnx.Param) and (
+            is_map(path) or keep_vision or "vision" not in [str(p) for p in path[:2]])
+    rx = re.compile(spec)
+    return lambda path, v: isinstance(v, nnx.Param) and (is_map(path) or rx.search(path_str(path)) is not None)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """clip-by-global-norm + AdamW with warm-up and cosine/constant/linear decay (MiniLLM: betas .9/.95)."""
+    steps = max(int(cfg.total_steps), 1)
+    warm = int(cfg.get("warmup_steps", 0))
+    sched_name = cfg.get("schedule", "cosine")
+    if sched_name == "cosine":
+        sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warm, 1) if warm else 1, steps,
+                                                   end_value=cfg.lr * cfg.get("end_lr_factor", 0.0))
+    elif sched_name == "linear":
+        sched = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
+                                      optax.linear_schedule(cfg.lr, 0.0, max(steps - warm, 1))], [warm])
+    elif sched_name == "constant":
+        sched = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
+                                      optax.constant_schedule(cfg.lr)], [warm])
+    else:
+        raise KeyError(f"config optim.schedule={sched_name!r}: expected cosine, linear or constant")
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.get("grad_clip", 1.0)),
+        optax.adamw(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95), eps=cfg.get("eps", 1e-8),
+                    weight_decay=cfg.get("weight_decay", 0.0)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- loss pieces
+def _response_view(prompt_ids, prompt_mask, rollout: R.Rollout):
+    """prompt (left-padded) + response -> ids, mask and the R positions whose logits predict the response."""
+    ids = jnp.concatenate([prompt_ids, rollout.tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask.astype(jnp.int32), rollout.mask.astype(jnp.int32)], axis=1)
+    plen, rlen = prompt_ids.shape[1], rollout.tokens.shape[1]
+    return ids, mask, plen - 1 + jnp.arange(rlen)
+
+
+def _gather_positions(x, pos):
+    return jnp.take(x, pos, axis=1)
+
+
+def _answer_positions(loss_mask):
+    """For a right-padded GT batch: logits at t-1 predict token t, so the predicting positions are shifted by one."""
+    return jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static description of one step; built from the ml_collections config by `spec_from_config`."""
+
+    weights: dict
+    sampling: R.SamplingConfig
+    clip_eps: float = 0.2
+    gamma: float = 1.0
+    include_current: bool = False
+    length_norm: bool = True
+    whiten: bool = False
+    temperature: float = 1.0
+    feature_kind: str = "cosine"
+    feature_layers: tuple = ()  # ((student_idx, teacher_idx), ...) HF hidden-state indices
+    shared_vision: bool = False
+    grad_accum: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+    image_token_id: int = 0
+
+    def w(self, name):
+        return float(self.weights.get(name, 0.0))
+
+    @property
+    def needs_rollout(self):
+        return self.w("rkl") > 0 or self.w("pg") > 0
+
+    @property
+    def needs_teacher_gt(self):
+        return self.w("fkl") > 0 or any(self.w(k) > 0 for k in ("feat_image", "feat_text", "feat_proj"))
+
+
+def spec_from_config(cfg, model_cfg) -> StepSpec:
+    lo, sa = cfg.loss, cfg.sampling
+    return StepSpec(
+        weights=dict(lo.weights),
+        sampling=R.SamplingConfig(max_new_tokens=sa.max_new_tokens, alpha=sa.alpha, temperature=sa.temperature,
+                                  top_k=sa.top_k, top_p=sa.top_p),
+        clip_eps=lo.clip_eps, gamma=lo.gamma, include_current=lo.include_current, length_norm=lo.length_norm,
+        whiten=lo.whiten, temperature=lo.temperature, feature_kind=lo.feature_kind,
+        feature_layers=tuple(tuple(p) for p in lo.feature_layers), shared_vision=cfg.get("shared_vision", False),
+        grad_accum=cfg.optim.get("grad_accum", 1), eos_id=model_cfg.eos_token_id, pad_id=model_cfg.pad_token_id,
+        image_token_id=model_cfg.image_token_id)
+
+
+def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepSpec):
+    """Total weighted loss and metrics for one micro-batch. `teacher` may be None for SFT."""
+    model = student.model
+    metrics, total = {}, jnp.float32(0.0)
+    tv = sv = None
+    if spec.shared_vision and teacher is not None and "pixel_values" in batch:
+        tv = jax.lax.stop_gradient(teacher.vision_features(batch["pixel_values"]))
+        sv = tv
+    pix = batch.get("pixel_values")
+
+    if spec.needs_rollout:
+        frozen = jax.lax.stop_gradient
+        ro = R.sample(frozen_model(model), frozen_model(teacher) if teacher is not None else None,
+                      batch["prompt_ids"], batch["prompt_mask"], rng, spec.sampling, eos_id=spec.eos_id,
+                      pad_id=spec.pad_id, pixel_values=pix, student_vision_features=sv,
+                      teacher_vision_features=tv)
+        ro = jax.tree.map(frozen, ro)
+        ids, mask, pos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
+        s_out = model(ids, pix, attention_mask=mask, vision_features=sv, compute_logits=False)
+        t_out = teacher(ids, pix, attention_mask=mask, vision_features=tv, compute_logits=False)
+        s_logits = model.logits(_gather_positions(s_out.last_hidden, pos)) / spec.temperature
+        t_logits = jax.lax.stop_gradient(teacher.logits(_gather_positions(t_out.last_hidden, pos))) / spec.temperature
+        rmask = ro.mask
+        if spec.w("rkl") > 0:
+            rkl = L.reverse_kl(s_logits, t_logits, rmask)
+            metrics["loss/rkl"] = rkl
+            total += spec.w("rkl") * rkl
+        if spec.w("pg") > 0:
+            logq = L.token_logprobs(s_logits, ro.tokens)
+            rewards = (ro.teacher_logprobs - ro.student_logprobs) * rmask
+            adv = L.long_term_advantages(rewards, rmask, gamma=spec.gamma, include_current=spec.include_current,
+                                         length_norm=spec.length_norm, whiten=spec.whiten)
+            pg = L.policy_gradient_loss(logq, ro.student_logprobs, jax.lax.stop_gradient(adv), rmask, ro.weights,
+                                        spec.clip_eps)
+            metrics["loss/pg"] = pg
+            total += spec.w("pg") * pg
+        n = jnp.maximum(rmask.sum(), 1.0)
+        metrics["rollout/rev_kl_k3"] = L.k3_reverse_kl_estimate(ro.teacher_logprobs, ro.student_logprobs, rmask)
+        metrics["rollout/length"] = ro.lengths.astype(jnp.float32).mean()
+        metrics["rollout/iw_mean"] = (ro.weights * rmask).sum() / n
+        metrics["rollout/iw_max"] = jnp.max(jnp.where(rmask > 0, ro.weights, -jnp.inf))
+        metrics["rollout/iw_min"] = jnp.min(jnp.where(rmask > 0, ro.weights, jnp.inf))
+
+    gt_terms = [k for k in ("sft", "fkl", "feat_image", "feat_text", "feat_proj") if spec.w(k) > 0]
+    if gt_terms:
+        ids, amask, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"].astype(jnp.float32)
+        s_layers = tuple(p[0] for p in spec.feature_layers) if spec.w("feat_image") + spec.w("feat_text") else ()
+        t_layers = tuple(p[1] for p in spec.feature_layers) if s_layers else ()
+        s_out = model(ids, pix, attention_mask=amask, vision_features=sv, compute_logits=False,
+                      return_hidden=s_layers)
+        pred_mask = _answer_positions(lmask)  # positions whose logits predict an answer token
+        s_logits = model.logits(s_out.last_hidden) / spec.temperature
+        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        if spec.w("sft") > 0:
+            ce = -(L.token_logprobs(s_logits, targets) * pred_mask).sum() / jnp.maximum(pred_mask.sum(), 1.0)
+            metrics["loss/sft"] = ce
+            total += spec.w("sft") * ce
+        if teacher is not None and spec.needs_teacher_gt:
+            t_out = teacher(ids, pix, attention_mask=amask, vision_features=tv, compute_logits=False,
+                            return_hidden=t_layers)
+            t_out = jax.lax.stop_gradient(t_out)
+            if spec.w("fkl") > 0:
+                t_logits = teacher.logits(t_out.last_hidden) / spec.temperature
+                fkl = L.forward_kl(s_logits, jax.lax.stop_gradient(t_logits), pred_mask)
+                metrics["loss/fkl"] = fkl
+                total += spec.w("fkl") * fkl
+            image_mask = (ids == spec.image_token_id).astype(jnp.float32) * amask
+            for i, (si, ti) in enumerate(spec.feature_layers if s_layers else ()):
+                proj = student.maps[f"layer{i}"] if f"layer{i}" in student.maps else None
+                groups = L.cross_modal_alignment(s_out.hidden_states[si], t_out.hidden_states[ti], image_mask,
+                                                 lmask, kind=spec.feature_kind, proj=proj)
+                for key, wname in (("image", "feat_image"), ("text", "feat_text")):
+                    if spec.w(wname) > 0:
+                        metrics[f"loss/{wname}/{i}"] = groups[key]
+                        total += spec.w(wname) * groups[key]
+            if spec.w("feat_proj") > 0 and s_out.image_features is not None:
+                proj = student.maps["proj"] if "proj" in student.maps else None
+                valid = jnp.ones(s_out.image_features.shape[:2], jnp.float32)
+                fp = L.feature_alignment_loss(s_out.image_features, t_out.image_features, valid,
+                                              kind=spec.feature_kind, proj=proj)
+                metrics["loss/feat_proj"] = fp
+                total += spec.w("feat_proj") * fp
+    metrics["loss/total"] = total
+    return total, metrics
+
+
+def frozen_model(model):
+    """The same module with every array wrapped in stop_gradient (the rollout never back-propagates)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.lax.stop_gradient(state))
+
+
+def feature_maps_for(spec_layers, student_cfg, teacher_cfg, rngs, with_proj: bool) -> dict:
+    """One learned linear map per aligned hidden layer (+ one for projected image tokens) when widths differ."""
+    ds, dt = student_cfg.text.hidden_size, teacher_cfg.text.hidden_size
+    maps = {}
+    for i, _ in enumerate(spec_layers):
+        maps[f"layer{i}"] = L.FeatureProjector(ds, dt, rngs=rngs)
+    if with_proj:
+        maps["proj"] = L.FeatureProjector(ds, dt, rngs=rngs)
+    return maps
+
+
+# ----------------------------------------------------------------------------------------------- the step
+def make_train_step(student: DistillStudent, teacher, spec: StepSpec, tx: optax.GradientTransformation,
+                    trainable: str = "all", *, state_sharding=None, batch_sharding=None, donate: bool = True):
+    """Builds `(init_state, step_fn)`; step_fn(state, frozen, teacher_state, batch, rng?) is jit-compiled.
+
+    Returns:
+      init: () -> TrainState (params = trainable subset of `student`)
+      step: (state, frozen_student_state, teacher_state, batch) -> (state, metrics)
+      parts: dict(graphdef, teacher_graphdef, frozen) for checkpointing / export
+    """
+    filt = trainable_filter(trainable)
+    graphdef, params, frozen = nnx.split(student, filt, ...)
+    t_graphdef, t_state = nnx.split(teacher) if teacher is not None else (None, None)
+    if len(jax.tree.leaves(params)) == 0:
+        raise ValueError(f"trainable={trainable!r} selects no parameter of the student")
+
+    def init_fn(p, rng):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=rng)
+
+    def loss_fn(p, fz, ts, mb, rng):
+        st = nnx.merge(graphdef, p, fz)
+        te = nnx.merge(t_graphdef, ts) if t_graphdef is not None else None
+        return compute_loss(st, te, mb, rng, spec)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step_fn(state: TrainState, fz, ts, batch):
+        rng, step_rng = jax.random.split(state.rng)
+        k = spec.grad_accum
+        if k == 1:
+            (loss, metrics), grads = grad_fn(state.params, fz, ts, batch, step_rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+            rngs = jax.random.split(step_rng, k)
+
+            def acc(carry, xs):
+                g_sum, l_sum, m_sum = carry
+                mb, r = xs
+                (l, m), g = grad_fn(state.params, fz, ts, mb, r)
+                return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, jax.tree.map(jnp.add, m_sum, m)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            m_shape = jax.eval_shape(lambda: grad_fn(state.params, fz, ts, jax.tree.map(lambda x: x[0], micro),
+                                                     rngs[0])[0][1])
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (grads, loss, metrics), _ = jax.lax.scan(acc, (zeros_g, 0.0, zeros_m), (micro, rngs))
+            grads = jax.tree.map(lambda g: g / k, grads)
+            loss, metrics = loss / k, jax.tree.map(lambda m: m / k, metrics)
+        gnorm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=pick(new_params, state.params),
+                               opt_state=pick(new_opt, state.opt_state), rng=rng)
+        metrics = dict(metrics, grad_norm=gnorm, skipped=(~finite).astype(jnp.float32))
+        return new_state, metrics
+
+    jit_kw = {}
+    if state_sharding is not None:
+        jit_kw = dict(in_shardings=(state_sharding["state"], state_sharding["frozen"], state_sharding["teacher"],
+                                    batch_sharding),
+                      out_shardings=(state_sharding["state"], None))
+    step = jax.jit(step_fn, donate_argnums=(0,) if donate else (), **jit_kw)
+    return init_fn, step, dict(graphdef=graphdef, params=params, frozen=frozen, teacher_graphdef=t_graphdef,
+                               teacher=t_state)

@@ -1,0 +1,235 @@
+"""Building blocks shared by the CLIP tower, the projector and the LLaMA decoder.
+
+Conventions: Linear kernels are [in, out] (torch weight transposed); every weight is an `nnx.Param` whose
+`out_sharding` metadata holds logical axis names (mapped to the mesh by rskd_jax/parallel/rules.py);
+params are stored in `param_dtype` and cast to the compute `dtype` at use; norms and softmax run in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rskd_jax.parallel.rules import constrain
+
+NEG_INF = float(np.finfo(np.float32).min)
+
+
+def make_param(
+    rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], names: Sequence[str | None], param_dtype
+) -> nnx.Param:
+    """An nnx.Param with logical axis names (not eagerly sharded: shard with parallel.rules)."""
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, tuple(shape), param_dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
+normal = nnx.initializers.normal(0.02)
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias). `names` = logical names of the kernel's (in, out) axes.
+
+    Optional LoRA (added by rskd_jax.models.lora.apply_lora): y += dropout(x) @ lora_a @ lora_b * lora_scale.
+    """
+
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        names: tuple[str | None, str | None],
+        *,
+        use_bias: bool,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.kernel = make_param(rngs, normal, (din, dout), names, param_dtype)
+        self.bias = nnx.data(make_param(rngs, zeros, (dout,), names[1:], param_dtype) if use_bias else None)
+        self.dtype = dtype
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scale = 0.0
+        self.lora_dropout = 0.0
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            h = x
+            if dropout_rng is not None and self.lora_dropout > 0:
+                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+            h = jnp.dot(jnp.dot(h, self.lora_a[...].astype(self.dtype)), self.lora_b[...].astype(self.dtype))
+            y = y + (h * self.lora_scale).astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.scale = make_param(rngs, ones, (dim,), ("embed",), param_dtype)
+        self.bias = make_param(rngs, zeros, (dim,), ("embed",), param_dtype)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(
+            self.dtype
+        )
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in fp32, cast to the compute dtype, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.scale = make_param(rngs, ones, (dim,), ("embed",), param_dtype)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, HF half-split ("rotate_half") layout. x [B, T, H, D], positions [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, impl: str = "xla"
+) -> jax.Array:
+    """Softmax attention with grouped KV heads. q [B,T,H,D], k/v [B,S,K,D], mask bool [B,T,S] (True=attend).
+
+    impl 'xla': two einsums + fp32 softmax (XLA fuses the mask/softmax); fully masked rows (pad queries)
+    give a uniform average instead of NaN. 'cudnn': jax.nn.dot_product_attention(implementation='cudnn'),
+    GPU and bf16/fp16 only. 'splash': the TPU Pallas kernel (TPU only).
+    """
+    if impl == "cudnn":
+        return _cudnn_attention(q, k, v, mask)
+    if impl == "splash":
+        return _splash_attention(q, k, v, mask)
+    if impl != "xla":
+        raise ValueError(f"attention_impl={impl!r}; expected 'xla', 'cudnn' or 'splash'")
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, h // kh, d) * jnp.asarray(d**-0.5, q.dtype)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        s = jnp.where(mask[:, None, None], s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h, d)
+
+
+def _cudnn_attention(q, k, v, mask):
+    if jax.devices()[0].platform != "gpu":
+        raise NotImplementedError("attention_impl='cudnn' needs an NVIDIA GPU; use 'xla' on CPU/TPU")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16/float16 compute, got {q.dtype}")
+    m = None if mask is None else mask[:, None]  # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
+
+
+def _splash_attention(q, k, v, mask):
+    """TPU splash attention for the full-sequence (no KV cache) causal case; padding via segment ids.
+
+    Untested here (no TPU on the dev machine); raises on other platforms.
+    """
+    if jax.devices()[0].platform != "tpu":
+        raise NotImplementedError(
+            "attention_impl='splash' is the TPU Pallas kernel; use 'xla' (or 'cudnn' on GPU)"
+        )
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, h, d = q.shape
+    if k.shape[1] != t or mask is None:
+        raise NotImplementedError("splash attention supports only causal self-attention without a KV cache")
+    # Key validity from the mask's last query row; causal structure is the kernel's own mask.
+    seg = mask[:, -1, :].astype(jnp.int32)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.CausalMask((t, t))] * h), head_shards=1, q_seq_shards=1)
+    rep = h // k.shape[2]
+    kk, vv = (jnp.repeat(x, rep, axis=2) if rep > 1 else x for x in (k, v))
+    f = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1))
+    out = jax.vmap(f)((q * d**-0.5).swapaxes(1, 2), kk.swapaxes(1, 2), vv.swapaxes(1, 2), seg)
+    return out.swapaxes(1, 2)
+
+
+def remat(fn: Callable, policy: str, *, prevent_cse: bool = True) -> Callable:
+    """Wraps a layer function in jax.checkpoint per the config's `remat_policy` name."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, prevent_cse=prevent_cse)
+    if policy == "save_attn_mlp_out":
+        pol = jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out")
+    else:
+        pol = getattr(jax.checkpoint_policies, policy, None)
+        if pol is None:
+            raise ValueError(f"unknown remat_policy {policy!r}")
+    return jax.checkpoint(fn, policy=pol, prevent_cse=prevent_cse)
+
+
+def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """n layers with weights stacked on a leading `layers` axis (one module, for lax.scan)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return make_layer(r)
+
+    return make(rngs)
+
+
+def run_layers(layers: nnx.Module, body: Callable, carry: Any, xs: Any, *, scan: bool, policy: str) -> Any:
+    """carry = body(layer, carry, x_i) over the layers (stacked module + lax.scan, or an nnx.List).
+
+    `xs` is a pytree of per-layer inputs with a leading layer axis. Each layer call is rematerialised
+    per `policy`. The layers are split into (graphdef, state) so the same code runs under nnx.jit,
+    jax.jit on split state, and nnx.grad.
+    """
+    if scan:
+        graphdef, state = nnx.split(layers)
+
+        def step(c, inp):
+            s, x = inp
+            return body(nnx.merge(graphdef, s), c, x), None
+
+        return jax.lax.scan(remat(step, policy, prevent_cse=False), carry, (state, xs))[0]
+    for i, layer in enumerate(layers):
+        graphdef, state = nnx.split(layer)
+        fn = remat(lambda s, c, x, g=graphdef: body(nnx.merge(g, s), c, x), policy)
+        carry = fn(state, carry, jax.tree.map(lambda a, i=i: a[i], xs))
+    return carry
+
+
+__all__ = [
+    "Linear",
+    "LayerNorm",
+    "RMSNorm",
+    "rope",
+    "attention",
+    "remat",
+    "stacked",
+    "run_layers",
+    "make_param",
+    "constrain",
+    "NEG_INF",
+]

@@ -1,0 +1,238 @@
+"""LLaMA-2 / Vicuna decoder (HF `LlamaForCausalLM` numerics) with a static-shape KV cache.
+
+Padding: `attention_mask` [B, T] (1 = real token) masks keys; default positions are
+cumsum(mask) - 1 clipped at 0, so left- and right-padded rows get the positions of unpadded ones.
+
+KV cache (`KVCache`): keys/values for every layer in slots [0, max_len). A call with a cache writes its
+T tokens at slots [index, index + T) (a prefill from an empty cache writes [0, T); later one-token steps
+write at the current index), records which slots hold real tokens (`valid`), and continues each row's
+positions from `next_pos`. Queries attend to valid slots at or before their own slot. Writing past
+max_len is not checked under jit (dynamic_update_slice would clamp): size the cache for prompt + new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from rskd_jax.models.layers import (
+    Linear,
+    RMSNorm,
+    attention,
+    constrain,
+    make_param,
+    normal,
+    rope,
+    run_layers,
+    stacked,
+)
+from rskd_jax.models.presets import TextConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, K, Dh]
+    v: jax.Array  # [L, B, S, K, Dh]
+    valid: jax.Array  # [B, S] bool: slot holds a real (unpadded) token
+    index: jax.Array  # int32 scalar: next slot to write
+    next_pos: jax.Array  # [B] int32: position id of each row's next real token
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+class LlamaLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs):
+        d, m, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, cfg.num_heads * hd, ("embed", "heads"), **kw)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
+        self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), **kw)
+        self.post_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(d, m, ("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, m, ("embed", "mlp"), **kw)
+        self.down_proj = Linear(m, d, ("mlp", "embed"), **kw)
+        self.cfg, self.attention_impl = cfg, attention_impl
+
+    def __call__(self, h, positions, mask, kv=None, rng=None):
+        """h [B,T,D]; mask [B,T,S] bool; kv = (k_all, v_all, layer, slot): write/read the stacked cache."""
+        cfg = self.cfg
+        b, t, _ = h.shape
+        rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
+        x = self.input_norm(h)
+        heads = lambda y, n: constrain(
+            y.reshape(b, t, n, cfg.head_dim), ("batch", "seq", "heads", "head_dim")
+        )
+        q = rope(heads(self.q_proj(x, rngs[0]), cfg.num_heads), positions, cfg.rope_theta)
+        k = rope(heads(self.k_proj(x, rngs[1]), cfg.num_kv_heads), positions, cfg.rope_theta)
+        v = heads(self.v_proj(x, rngs[2]), cfg.num_kv_heads)
+        if kv is not None:
+            k_all, v_all, i, slot = kv
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, slot, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, slot, 0, 0))
+            k = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(q.dtype)
+            kv = (k_all, v_all)
+        o = attention(q, k, v, mask, self.attention_impl).reshape(b, t, -1)
+        h = h + checkpoint_name(self.o_proj(o, rngs[3]), "attn_out")
+        x = self.post_norm(h)
+        x = constrain(
+            jax.nn.silu(self.gate_proj(x, rngs[4])) * self.up_proj(x, rngs[5]), ("batch", "seq", "mlp")
+        )
+        h = h + checkpoint_name(self.down_proj(x, rngs[6]), "mlp_out")
+        return constrain(h, ("batch", "seq", "embed")), kv
+
+
+class LlamaModel(nnx.Module):
+    """Token embedding, decoder layers, final RMSNorm and the untied lm_head."""
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        scan: bool = True,
+        remat: str = "none",
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
+        self.embed_tokens = make_param(
+            rngs, normal, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype
+        )
+        make = lambda r: LlamaLayer(
+            cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=r
+        )
+        self.layers = (
+            stacked(make, cfg.num_layers, rngs)
+            if scan
+            else nnx.List([make(rngs) for _ in range(cfg.num_layers)])
+        )
+        self.norm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.lm_head = Linear(
+            cfg.hidden_size,
+            cfg.vocab_size,
+            ("embed", "vocab"),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.cfg, self.dtype, self.scan, self.remat = cfg, dtype, scan, remat
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+        return constrain(x, ("batch", "seq", "embed"))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """lm_head in the compute dtype; float32 result."""
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dtype = self.dtype if dtype is None else dtype
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch_size, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+            next_pos=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        return_hidden: Sequence[int] = (),
+        *,
+        dropout_rng: jax.Array | None = None,
+    ):
+        """-> (last_hidden [B,T,D] after the final norm, {index: hidden}, updated cache or None).
+
+        return_hidden: HF hidden-state indices (0 = embeddings, i = after layer i, num_layers = after the
+        final norm); negative indices count from num_layers + 1. Only those are collected (also under scan).
+        """
+        cfg = self.cfg
+        n = cfg.num_layers
+        b, t, _ = inputs_embeds.shape
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        offset = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_pos
+        if positions is None:
+            positions = offset[:, None] + jnp.maximum(jnp.cumsum(mask, 1, dtype=jnp.int32) - 1, 0)
+        if cache is None:
+            key_valid, q_slot = mask, jnp.arange(t)
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+            q_slot = cache.index + jnp.arange(t)
+        causal = jnp.arange(key_valid.shape[1])[None, :] <= q_slot[:, None]
+        attn_mask = key_valid[:, None, :] & causal[None]
+
+        wanted = sorted({_norm_index(i, n) for i in return_hidden})
+        mid = [i for i in wanted if 0 < i < n]
+        slot_of = jnp.array([mid.index(i + 1) if i + 1 in mid else -1 for i in range(n)], jnp.int32)
+        h = inputs_embeds.astype(self.dtype)
+        buf = jnp.zeros((len(mid),) + h.shape, h.dtype) if mid else None
+        kv = None if cache is None else (cache.k, cache.v)
+
+        def body(layer, carry, x):
+            h, buf, kv = carry
+            i, slot = x
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+            h, kv = layer(h, positions, attn_mask, None if kv is None else (*kv, i, cache.index), rng)
+            if buf is not None:
+                s = jnp.maximum(slot, 0)
+                buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(slot >= 0, h, buf[s]), s, 0)
+            return h, buf, kv
+
+        h, buf, kv = run_layers(
+            self.layers, body, (h, buf, kv), (jnp.arange(n), slot_of), scan=self.scan, policy=self.remat
+        )
+        last = self.norm(h)
+        hidden = {
+            i: (inputs_embeds.astype(self.dtype) if i == 0 else last if i == n else buf[mid.index(i)])
+            for i in wanted
+        }
+        hidden = {i: hidden[_norm_index(i, n)] for i in return_hidden}
+        if cache is not None:
+            cache = KVCache(
+                k=kv[0],
+                v=kv[1],
+                valid=key_valid,
+                index=cache.index + t,
+                next_pos=cache.next_pos + mask.sum(1, dtype=jnp.int32),
+            )
+        return last, hidden, cache
+
+    def causal_lm(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        return_hidden: Sequence[int] = (),
+    ):
+        """Text-only convenience (LlamaForCausalLM): -> (logits fp32 [B,T,V], {index: hidden}, cache)."""
+        last, hidden, cache = self(self.embed(input_ids), attention_mask, positions, cache, return_hidden)
+        return self.logits(last), hidden, cache
+
+
+def _norm_index(i: int, n: int) -> int:
+    if not -(n + 1) <= i <= n:
+        raise ValueError(f"hidden-state index {i} outside [-{n + 1}, {n}] for a {n}-layer decoder")
+    return i % (n + 1)

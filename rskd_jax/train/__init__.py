@@ -1,0 +1,1 @@
+"""Training: state, loop, orbax checkpointing, metric writers, preemption, progress."""

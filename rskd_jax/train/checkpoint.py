@@ -1,0 +1,456 @@
+"""Orbax checkpoints of a training run: state pytree, Grain iterator state, config and metadata.
+
+One step directory, `<directory>/<step>/`, holds four items:
+
+* `state`  - any pytree of arrays (nnx state of student + optimizer, step counter, RNG keys ...). Typed PRNG
+             keys (`jax.random.key`) are stored as their raw key data and re-wrapped on restore.
+* `data`   - the Grain iterator state (`grain.checkpoint.CheckpointSave`), one JSON file per process.
+* `config` - the resolved config as JSON (an `ml_collections.ConfigDict`, a dataclass or a dict).
+* `meta`   - JSON: caller metadata (teacher path/fingerprint, ...), the step's metrics and the save time.
+
+Saving is asynchronous (`wait()` blocks until the last save is committed). `max_to_keep` newest steps are
+kept, plus the best one by a metric when `keep_best=("metric", "min"|"max")` is given.
+
+Restores always take an explicit abstract target (ShapeDtypeStructs with concrete shardings) so arrays land
+where the caller wants them, never where they were saved (see `restore_target`). `restore_latest_valid`
+walks back from the newest step, sets corrupt or incomplete step directories aside as `<step>.corrupt`
+with a warning, and restores the newest good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "commit_success.txt"
+STEP_METADATA = "_CHECKPOINT_METADATA"
+ITEMS = ("state", "data", "config", "meta")
+# Signs of unreadable bytes (tensorstore status codes and decoder messages) in errors raised by a restore.
+_DATA_ERROR_SIGNS = (
+    "DATA_LOSS",
+    "OUT_OF_RANGE",
+    "NOT_FOUND",
+    "Error reading",
+    "Error opening",
+    "Error decoding",
+    "Unexpected end",
+    "Expecting value",
+    "Unterminated",
+)
+
+
+class CheckpointError(Exception):
+    """Base class of the checkpoint errors below."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A step directory is incomplete or unreadable (missing commit marker, truncated or garbage files)."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The checkpoint is readable but does not fit the restore target (keys, shapes, missing items)."""
+
+
+class Restored(NamedTuple):
+    """What `Checkpointer.restore` returns. `meta` is the caller's metadata dict; `config` a plain dict."""
+
+    state: Any
+    meta: dict
+    config: dict | None
+    step: int
+    metrics: dict | None
+
+
+def restore_target(tree: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
+    """Turns arrays / ShapeDtypeStructs into restore targets with CONCRETE shardings.
+
+    * a NamedSharding (also one on an AbstractMesh, as `nnx.eval_shape` under `jax.set_mesh` gives) is rebuilt
+      on `mesh` with the same PartitionSpec;
+    * a leaf without a sharding becomes replicated on `mesh`, or lands on the first local device if `mesh`
+      is None;
+    * other concrete shardings are kept; non-array leaves (Python scalars) pass through.
+    """
+
+    def convert(x):
+        if not isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
+            return x
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and mesh is not None:
+            sharding = jax.sharding.NamedSharding(mesh, sharding.spec)
+        elif sharding is None:
+            sharding = (
+                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                if mesh is not None
+                else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            )
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(convert, tree)
+
+
+def _is_key(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree):
+    """Typed PRNG keys -> raw uint32 key data (orbax cannot serialise key dtypes)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _key_data_target(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):  # the key-data dims are trailing and unsharded
+        extra = (None,) * (len(data.shape) - len(x.shape))
+        sharding = jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec, *extra)
+        )
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+
+
+def _wrap_keys(restored, target):
+    if not any(_is_key(t) for t in jax.tree.leaves(target)):
+        return restored
+
+    def wrap(x, t):
+        return jax.random.wrap_key_data(x, impl=t.dtype._impl) if _is_key(t) else x
+
+    return jax.tree.map(wrap, restored, target)
+
+
+def _check_target(target) -> None:
+    unsharded = [
+        jax.tree_util.keystr(p)
+        for p, x in jax.tree_util.tree_flatten_with_path(target)[0]
+        if isinstance(x, jax.ShapeDtypeStruct)
+        and (x.sharding is None or isinstance(getattr(x.sharding, "mesh", None), jax.sharding.AbstractMesh))
+    ]
+    if unsharded:
+        raise ValueError(
+            f"restore target leaves need concrete shardings (none, or an AbstractMesh, at "
+            f"{unsharded[:8]}{' ...' if len(unsharded) > 8 else ''}); build the target with "
+            "rskd_jax.train.checkpoint.restore_target(tree, mesh)"
+        )
+
+
+def _config_to_json(config) -> dict | None:
+    if config is None:
+        return None
+    if hasattr(config, "to_json_best_effort"):  # ml_collections.ConfigDict / FrozenConfigDict
+        return json.loads(config.to_json_best_effort())
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    if isinstance(config, Mapping):
+        return json.loads(json.dumps(dict(config), default=str))
+    raise TypeError(f"config must be a ConfigDict, dataclass or mapping, got {type(config).__name__}")
+
+
+def _metrics_to_json(metrics) -> dict | None:
+    return None if metrics is None else {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class Checkpointer:
+    """Async orbax checkpoints of (state, data iterator, config, meta) in `directory/<step>/`.
+
+    Args:
+      directory: where step directories go (local path or gs://...). Created if missing.
+      max_to_keep: how many of the newest steps to keep (None keeps all).
+      keep_best: `(metric_name, "min"|"max")` also keeps the best step by that metric (the metric must be in
+        the `metrics` given to `save`; steps saved without metrics are ranked by recency only).
+      save_interval_steps: `save` is a no-op on other steps unless `force=True`.
+      async_save: commit in a background thread (orbax async checkpointing).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        keep_best: tuple[str, str] | None = None,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+    ):
+        self.directory = epath.Path(directory)
+        self.keep_best = keep_best
+        best_fn, policy = None, ocp_managers.LatestN(max_to_keep)
+        if keep_best is not None:
+            name, mode = keep_best
+            if mode not in ("min", "max"):
+                raise ValueError(f"keep_best mode must be 'min' or 'max', got {mode!r}")
+            best_fn = lambda m: m[name]  # noqa: E731
+            # BestN sorts ascending and keeps the tail: reverse=True keeps the smallest.
+            policy = ocp_managers.AnyPreservationPolicy(
+                [
+                    policy,
+                    ocp_managers.BestN(
+                        get_metric_fn=best_fn,
+                        reverse=(mode == "min"),
+                        n=1,
+                        keep_checkpoints_without_metrics=False,
+                    ),
+                ]
+            )
+        import grain  # local import: grain is heavy-ish and only needed here
+
+        self._grain = grain
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps,
+            preservation_policy=policy,
+            best_fn=best_fn,
+            best_mode=keep_best[1] if keep_best else "max",  # best_fn makes orbax persist metrics
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    # ----------------------------------------------------------------------------------------------- save
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_iter=None,
+        config=None,
+        meta: Mapping | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving `step` (returns before the commit when async). False if skipped.
+
+        Skipped when `step` is already saved or (unless `force`) is off the save interval. `metrics` are
+        scalars (host or device) stored with the step and used by `keep_best`.
+        """
+        step = int(step)
+        if step in self._mngr.all_steps():
+            log.info("checkpoint step %d already exists in %s; not saving again", step, self.directory)
+            return False
+        metrics = _metrics_to_json(metrics)
+        if self.keep_best is not None and metrics is not None and self.keep_best[0] not in metrics:
+            raise KeyError(
+                f"keep_best metric {self.keep_best[0]!r} missing from the metrics given to save "
+                f"(have {sorted(metrics)})"
+            )
+        items = {
+            "state": ocp.args.StandardSave(_keys_to_data(state)),
+            "meta": ocp.args.JsonSave(
+                {"meta": dict(meta or {}), "metrics": metrics, "step": step, "saved_unix": time.time()}
+            ),
+        }
+        if data_iter is not None:
+            if not hasattr(data_iter, "get_state"):
+                raise TypeError(
+                    f"data_iter must be a Grain iterator with get_state/set_state, got "
+                    f"{type(data_iter).__name__}"
+                )
+            items["data"] = self._grain.checkpoint.CheckpointSave(data_iter)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(_config_to_json(config))
+        saved = self._mngr.save(
+            step, args=ocp.args.Composite(**items), metrics=metrics if self.keep_best else None, force=force
+        )
+        if saved:
+            log.info("saving checkpoint step %d to %s", step, self.directory)
+        return bool(saved)
+
+    # ----------------------------------------------------------------------------------------- queries
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the best `keep_best` metric (None without keep_best or metrics)."""
+        if self.keep_best is None:
+            return None
+        name, mode = self.keep_best
+        scored = [(m[name], s) for s in self.all_steps() if (m := self._mngr.metrics(s)) and name in m]
+        if not scored:
+            return None
+        return (min if mode == "min" else max)(scored)[1]
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    # -------------------------------------------------------------------------------------------- restore
+    def restore(self, abstract_state: Any, step: int | None = None, *, data_iter=None) -> Restored:
+        """Restores `step` (default: the latest) into `abstract_state`'s shapes and shardings.
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with concrete shardings (see `restore_target`);
+        typed PRNG-key leaves come back as keys. With `data_iter`, its state is set to the saved one so it
+        continues with the next batch. Raises CorruptCheckpointError for unreadable / incomplete steps and
+        CheckpointMismatchError when the checkpoint does not fit the target.
+        """
+        self._mngr.wait_until_finished()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint steps in {self.directory}")
+        _check_target(abstract_state)
+        storable = jax.tree.map(lambda x: _key_data_target(x) if _is_key(x) else x, abstract_state)
+        saved_items = self._validate(step, storable, want_data=data_iter is not None)
+        items = {"state": ocp.args.StandardRestore(storable), "meta": ocp.args.JsonRestore()}
+        if data_iter is not None:
+            items["data"] = self._grain.checkpoint.CheckpointRestore(data_iter)
+        if "config" in saved_items:
+            items["config"] = ocp.args.JsonRestore()
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - classified below
+            if isinstance(e, (OSError, EOFError, json.JSONDecodeError)) or any(
+                s in str(e) for s in _DATA_ERROR_SIGNS
+            ):
+                raise CorruptCheckpointError(
+                    f"checkpoint {self.step_dir(step)} is unreadable: {type(e).__name__}: {str(e)[:500]}"
+                ) from e
+            raise
+        meta = out["meta"] or {}
+        return Restored(
+            state=_wrap_keys(out["state"], abstract_state),
+            meta=meta.get("meta", {}),
+            config=out["config"] if "config" in saved_items else None,
+            step=int(step),
+            metrics=meta.get("metrics"),
+        )
+
+    def restore_latest_valid(self, abstract_state: Any, *, data_iter=None) -> Restored | None:
+        """Restores the newest readable step; corrupt / incomplete newer ones are set aside with a WARNING.
+
+        Returns None when there is no (valid) checkpoint, i.e. the run starts fresh. A step that does not fit
+        the target (CheckpointMismatchError) is a configuration error and is raised, not skipped.
+        """
+        self._mngr.wait_until_finished()
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return self.restore(abstract_state, step, data_iter=data_iter)
+            except CorruptCheckpointError as e:
+                aside = self._set_aside(step)
+                log.warning(
+                    "checkpoint %s is corrupt or incomplete (%s); moved it to %s and falling back to "
+                    "the previous checkpoint",
+                    self.step_dir(step),
+                    e,
+                    aside,
+                )
+        return None
+
+    def _validate(self, step: int, storable, *, want_data: bool) -> set[str]:
+        """Checks step completeness and target fit before reading any array data; returns saved item names."""
+        d = self.step_dir(step)
+        if not d.exists():
+            raise FileNotFoundError(f"checkpoint {d} does not exist (steps: {self.all_steps()})")
+        if not (d / COMMIT_MARKER).exists():
+            raise CorruptCheckpointError(
+                f"checkpoint {d} is incomplete: missing commit marker {COMMIT_MARKER}"
+            )
+        try:
+            saved = set(json.loads((d / STEP_METADATA).read_text())["item_handlers"])
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCheckpointError(
+                f"checkpoint {d}: unreadable {STEP_METADATA} ({type(e).__name__}: {e})"
+            ) from e
+        missing = [i for i in ("state", "meta") if i not in saved] + [
+            i for i in saved if not (d / i).exists()
+        ]
+        if missing:
+            raise CorruptCheckpointError(
+                f"checkpoint {d} is incomplete: missing items {missing} "
+                f"(expected directories {sorted(saved | {'state', 'meta'})})"
+            )
+        if want_data and "data" not in saved:
+            raise CheckpointMismatchError(
+                f"checkpoint {d} has no 'data' item (it was saved without a data "
+                f"iterator) but a data_iter was given to restore"
+            )
+        try:
+            tree = self._mngr.item_metadata(step)["state"].tree
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCheckpointError(
+                f"checkpoint {d}: unreadable state metadata ({type(e).__name__}: {str(e)[:300]})"
+            ) from e
+        _compare(d, ocp.tree.to_flat_dict(tree), ocp.tree.to_flat_dict(storable))
+        return saved
+
+    def _set_aside(self, step: int) -> epath.Path:
+        src = self.step_dir(step)
+        dst = self.directory / f"{step}.corrupt"
+        n = 0
+        while dst.exists():
+            n += 1
+            dst = self.directory / f"{step}.corrupt.{n}"
+        _barrier(f"rskd_ckpt_aside_{step}_start")
+        if _is_primary():
+            src.rename(dst)
+        _barrier(f"rskd_ckpt_aside_{step}_done")
+        self._mngr.reload()
+        return dst
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def wait(self) -> None:
+        """Blocks until pending async saves are committed."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _compare(d, saved: dict, target: dict) -> None:
+    """Raises CheckpointMismatchError listing missing / unexpected keys and shape mismatches."""
+    name = lambda k: "/".join(map(str, k))  # noqa: E731
+    only_saved = sorted(name(k) for k in saved.keys() - target.keys())
+    only_target = sorted(name(k) for k in target.keys() - saved.keys())
+    shapes = []
+    for k in sorted(saved.keys() & target.keys(), key=name):
+        want = getattr(target[k], "shape", None)
+        have = getattr(saved[k], "shape", None)
+        if want is not None and have is not None and tuple(want) != tuple(have):
+            shapes.append(f"{name(k)}: checkpoint {tuple(have)} vs target {tuple(want)}")
+    if only_saved or only_target or shapes:
+        parts = []
+        if only_target:
+            parts.append(f"keys in the target but not in the checkpoint: {only_target[:20]}")
+        if only_saved:
+            parts.append(f"keys in the checkpoint but not in the target: {only_saved[:20]}")
+        if shapes:
+            parts.append(f"shape mismatches: {shapes[:20]}")
+        raise CheckpointMismatchError(
+            f"checkpoint {d}/state does not match the restore target; " + "; ".join(parts)
+        )

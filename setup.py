@@ -1,0 +1,63 @@
+"""rskd-jax: distil remote-sensing multimodal LLMs (GeoChat-13B -> 7B style) in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+# The tested stack (see ../shared/reference/env-probe.md). torch is ALWAYS pinned: an unpinned torch
+# pulls a multi-GB CUDA build.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "clu==0.0.12",
+    "transformers==5.24.0",
+    "tokenizers==0.23.3",
+    "huggingface-hub==2.4.0",
+    "safetensors==0.8.0",
+    "sentencepiece==0.2.3",
+    "pillow==13.0.0",
+    "numpy==2.4.6",
+    "protobuf==7.36.2",
+    "absl-py",
+    "tqdm",
+    "matplotlib",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest",
+        "pytest-xdist",
+        "torch==2.13.0",
+        "nbclient",
+        "nbformat",
+        "ipykernel",
+        "ruff",
+    ],
+    "eval": ["rouge-score==0.1.2", "pycocoevalcap==1.2", "nltk==3.10.4"],
+    "plan": ["libtpu==0.0.42.1"],
+    "torch": ["torch==2.13.0"],
+}
+
+setup(
+    name="rskd-jax",
+    version="0.1.0",
+    description="Remote-sensing multimodal LLM distillation (GeoChat-13B -> 7B) in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["rskd_jax", "rskd_jax.*", "launch", "configs"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "rskd-train=launch.train:run",
+            "rskd-convert=launch.convert:run",
+            "rskd-eval=launch.eval:run",
+            "rskd-plan=launch.plan:run",
+        ]
+    },
+)

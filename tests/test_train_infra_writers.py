@@ -1,0 +1,224 @@
+"""Metric writers (JSONL, TensorBoard event files, console), averaging, parameter overview, progress."""
+
+import io
+import json
+import math
+import os
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from rskd_jax.train import writers
+from rskd_jax.train.progress import Progress, format_duration
+
+
+def crc32c_bitwise(data: bytes) -> int:
+    """Independent CRC-32C (Castagnoli, RFC 3720): bit-at-a-time, no table."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def masked(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def event_message_class():
+    """tf.Event / Summary / TensorProto subset, declared here from tensorflow's .proto field numbers."""
+    f = descriptor_pb2.FileDescriptorProto(name="rskd_test_event.proto", package="rskdtest", syntax="proto3")
+    T = descriptor_pb2.FieldDescriptorProto
+
+    def msg(name, *fields):
+        m = f.message_type.add(name=name)
+        for fname, num, ftype, label, tname in fields:
+            fd = m.field.add(name=fname, number=num, type=ftype, label=label)
+            if tname:
+                fd.type_name = f".rskdtest.{tname}"
+
+    opt, rep = T.LABEL_OPTIONAL, T.LABEL_REPEATED
+    msg("PluginData", ("plugin_name", 1, T.TYPE_STRING, opt, None))
+    msg("SummaryMetadata", ("plugin_data", 1, T.TYPE_MESSAGE, opt, "PluginData"))
+    msg("TensorShape")
+    msg(
+        "Tensor",
+        ("dtype", 1, T.TYPE_INT32, opt, None),
+        ("tensor_shape", 2, T.TYPE_MESSAGE, opt, "TensorShape"),
+        ("string_val", 8, T.TYPE_BYTES, rep, None),
+    )
+    msg(
+        "Value",
+        ("tag", 1, T.TYPE_STRING, opt, None),
+        ("simple_value", 2, T.TYPE_FLOAT, opt, None),
+        ("tensor", 8, T.TYPE_MESSAGE, opt, "Tensor"),
+        ("metadata", 9, T.TYPE_MESSAGE, opt, "SummaryMetadata"),
+    )
+    msg("Summary", ("value", 1, T.TYPE_MESSAGE, rep, "Value"))
+    msg(
+        "Event",
+        ("wall_time", 1, T.TYPE_DOUBLE, opt, None),
+        ("step", 2, T.TYPE_INT64, opt, None),
+        ("file_version", 3, T.TYPE_STRING, opt, None),
+        ("summary", 5, T.TYPE_MESSAGE, opt, "Summary"),
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("rskdtest.Event"))
+
+
+def split_records(raw: bytes):
+    """TFRecord framing checked with the independent CRC."""
+    out, i = [], 0
+    while i < len(raw):
+        header = raw[i : i + 8]
+        (n,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", raw[i + 8 : i + 12])[0] == masked(crc32c_bitwise(header))
+        payload = raw[i + 12 : i + 12 + n]
+        assert struct.unpack("<I", raw[i + 12 + n : i + 16 + n])[0] == masked(crc32c_bitwise(payload))
+        out.append(payload)
+        i += 16 + n
+    return out
+
+
+def test_crc32c_known_vectors():
+    for impl in (writers.crc32c, crc32c_bitwise):
+        assert impl(b"123456789") == 0xE3069283  # RFC 3720 check value
+        assert impl(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
+        assert impl(b"") == 0
+
+
+def test_tensorboard_event_file_round_trip(tmp_path):
+    with writers.TensorBoardWriter(tmp_path / "tb") as w:
+        w.write_scalars(3, {"loss": 1.25, "kl/reverse": jnp.float32(-0.5)})
+        w.write_scalars(10, {"loss": float("nan")})
+        w.write_texts(10, {"sample": "a beach with ünïcode"})
+        path = w.path
+    assert "events.out.tfevents." in path
+    raw = open(path, "rb").read()
+    Event = event_message_class()
+    events = [Event.FromString(r) for r in split_records(raw)]
+    assert events[0].file_version == "brain.Event:2"
+    assert events[1].step == 3 and [(v.tag, v.simple_value) for v in events[1].summary.value] == [
+        ("loss", 1.25),
+        ("kl/reverse", -0.5),
+    ]
+    assert events[1].wall_time > 1.6e9
+    assert events[2].step == 10 and math.isnan(events[2].summary.value[0].simple_value)
+    text = events[3].summary.value[0]
+    assert text.tag == "sample" and text.metadata.plugin_data.plugin_name == "text"
+    assert text.tensor.dtype == 7 and text.tensor.string_val[0].decode() == "a beach with ünïcode"
+    # the module's own reader agrees
+    mine = writers.read_events(path)
+    assert mine[1]["scalars"] == {"loss": 1.25, "kl/reverse": -0.5} and mine[1]["step"] == 3
+    assert mine[3]["texts"] == {"sample": "a beach with ünïcode"}
+    # a flipped byte is caught
+    bad = bytearray(raw)
+    bad[len(bad) // 2] ^= 0xFF
+    (tmp_path / "bad").write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="CRC mismatch|truncated"):
+        writers.read_tfrecords(tmp_path / "bad")
+
+
+def test_jsonl_console_and_multiwriter(tmp_path):
+    stream = io.StringIO()
+    w = writers.MultiWriter([writers.JsonlWriter(tmp_path), writers.ConsoleWriter(stream)])
+    w.write_scalars(1, {"loss": jnp.float32(2.0), "acc": 0.5})
+    w.write_scalars(2, {"loss": np.float64(1.0)})
+    w.write_texts(2, {"note": "hi"})
+    w.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 2]
+    assert (
+        rows[0]["loss"] == 2.0
+        and rows[0]["acc"] == 0.5
+        and rows[1]["loss"] == 1.0
+        and rows[2]["note"] == "hi"
+    )
+    assert all(r["time"] > 1.6e9 for r in rows)
+    assert stream.getvalue().splitlines() == ["[1] loss=2 acc=0.5", "[2] loss=1", "[2] note: hi"]
+    # appending keeps a resumed run's log in one file
+    with writers.JsonlWriter(tmp_path / "metrics.jsonl") as w2:
+        w2.write_scalars(3, {"loss": 0.5})
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_create_default_writer(tmp_path):
+    w = writers.create_default_writer(tmp_path)
+    w.write_scalars(5, {"x": 1.0})
+    w.close()
+    assert (tmp_path / "metrics.jsonl").exists()
+    (event_file,) = list((tmp_path / "tb").iterdir())
+    assert writers.read_events(event_file)[1]["scalars"] == {"x": 1.0}
+
+
+def test_url_workdir_uploads_through_tensorstore(tmp_path):
+    """gs:// workdirs go through tensorstore's kvstore; file:// exercises the same code path locally."""
+    url = f"file://{tmp_path}/remote/run"
+    w = writers.create_default_writer(url)
+    w.write_scalars(1, {"loss": 3.0})
+    w.write_texts(1, {"s": "x"})
+    w.close()
+    remote = tmp_path / "remote" / "run"
+    assert [json.loads(ln)["step"] for ln in (remote / "metrics.jsonl").read_text().splitlines()] == [1, 1]
+    (event_file,) = list((remote / "tb").iterdir())
+    assert writers.read_events(event_file)[1]["scalars"] == {"loss": 3.0}
+    with writers.JsonlWriter(url + "/metrics.jsonl") as w2:  # a resumed run appends to the remote file
+        w2.write_scalars(2, {"loss": 2.0})
+        w2.flush()
+        assert len((remote / "metrics.jsonl").read_text().splitlines()) == 3
+        staging = w2._f.local_path
+    assert not os.path.exists(staging)
+
+
+def test_averages_match_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=7), rng.normal(size=4)
+    avg = writers.Averages()
+    for i, x in enumerate(a):
+        avg.update({"loss": jnp.asarray(x), **({"kl": b[i]} if i < len(b) else {})})
+    out = avg.compute()
+    np.testing.assert_allclose(out["loss"], a.mean(), rtol=1e-6)
+    np.testing.assert_allclose(out["kl"], b.mean(), rtol=1e-6)
+    avg.reset()
+    assert not avg and avg.compute() == {}
+
+
+def test_parameter_overview_of_nnx_model(caplog):
+    model = nnx.Sequential(nnx.Linear(3, 5, rngs=nnx.Rngs(0)), nnx.Linear(5, 2, rngs=nnx.Rngs(1)))
+    with caplog.at_level("INFO", logger="rskd_jax.train.writers"):
+        table = writers.log_parameter_overview(model)
+    total = 3 * 5 + 5 + 5 * 2 + 2
+    assert f"Total: {total:,}" in table or f"Total: {total}" in table
+    assert "(3, 5)" in table and "(5, 2)" in table and "Mean" in table  # small model: stats included
+    assert any("(3, 5)" in r.getMessage() for r in caplog.records)
+    assert "Mean" not in writers.log_parameter_overview(nnx.state(model, nnx.Param), max_stats_params=10)
+
+
+def test_progress_line_rates_and_eta():
+    t = [100.0]
+    out = io.StringIO()
+    p = Progress(100, every=10, start_step=0, tokens_per_step=512, stream=out, clock=lambda: t[0])
+    lines = []
+    for step in range(1, 31):
+        t[0] += 0.5 if step <= 10 else 0.25  # 2 steps/s, then 4 steps/s
+        line = p.update(step, {"loss": 1.0 / step, "kl": 0.25})
+        if line:
+            lines.append(line)
+    assert len(lines) == 3 and out.getvalue().splitlines() == lines
+    assert lines[0].startswith("step 10/100 (10.0%) | loss 0.1 kl 0.25 | 2 steps/s | 1.02k tok/s")
+    assert lines[0].endswith(f"ETA {format_duration(90 / 2.0)}") and format_duration(45) == "45s"
+    # window rate after the first print: 10 steps in 2.5 s -> 4 steps/s, 2048 tok/s, 70 steps left -> 17.5 s
+    assert "| 4 steps/s | 2.05k tok/s | ETA 18s" in lines[2]
+    assert format_duration(3723) == "1h02m03s" and format_duration(274) == "4m34s"
+    # explicit token counts; the last step always prints
+    p2 = Progress(5, every=10, stream=io.StringIO(), clock=lambda: t[0])
+    for step in range(1, 6):
+        t[0] += 1.0
+        line = p2.update(step, tokens=100)
+    assert line is not None and "step 5/5 (100.0%)" in line and "100.0 tok/s" in line and "ETA 0s" in line
