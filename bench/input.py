@@ -2,8 +2,8 @@
 
 Both decode the real UC Merced JPEGs and apply the same GeoChat preprocessing (expand2square, PIL bicubic
 resize, centre crop, CLIP normalisation; `rskd_jax.data.transforms`) at 224 and 504 px, in 2 worker
-processes, batch 32. Reported: steady-state images/s (after the first batch, i.e. excluding worker start-up),
-the start-up time, and the ratio Grain / torch.
+processes, batch 32. Reported, as medians of alternating runs: steady-state images/s (after the first
+batch, i.e. excluding worker start-up), the start-up time, and the ratio Grain / torch.
 
     RSKD_SHARED_DATA=../shared/data python bench/input.py [--quick] [--out bench/input.json]
 """
@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import time
 
 import numpy as np
@@ -63,9 +64,15 @@ def _time(it, n_batches: int, batch_size: int) -> dict:
     }
 
 
-def bench_grain(src, size, batch_size, n_batches, workers):
+def bench_grain(src, size, batch_size, n_batches, workers, read_threads=1):
     ds = pipeline.make_dataset(
-        src, ImageTransform(size), batch_size=batch_size, seed=0, shard_index=0, shard_count=1, read_threads=2
+        src,
+        ImageTransform(size),
+        batch_size=batch_size,
+        seed=0,
+        shard_index=0,
+        shard_count=1,
+        read_threads=read_threads,
     )
     it = pipeline.make_iterator(ds, num_workers=workers)
     try:
@@ -105,6 +112,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer batches, 224 px only")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument(
+        "--read_threads", type=int, default=1, help="Grain threads per worker (1 is best on 2 cores)"
+    )
+    p.add_argument("--reps", type=int, default=0, help="alternating runs per size (default 3, quick 2)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     flags.FLAGS.mark_as_parsed()
@@ -113,22 +124,31 @@ def main():
         raise SystemExit(f"{root} not found: pass --data or set RSKD_SHARED_DATA")
     src = SceneFolderSource(root)
     sizes, n_batches = ((224,), 12) if a.quick else ((224, 504), 46)  # 46 x 32 = 1472 ~ one epoch of UCM
+    reps = a.reps or (2 if a.quick else 3)
     rows = []
-    for size in sizes:
-        g = bench_grain(src, size, a.batch_size, n_batches, a.workers)
-        t = bench_torch(src, size, a.batch_size, n_batches, a.workers)
-        rows.append(
-            {"size": size, "grain": g, "torch": t, "ratio": round(g["images_per_s"] / t["images_per_s"], 3)}
-        )
+    for size in sizes:  # grain and torch alternate, medians over `reps` runs (the machine may be shared)
+        runs = [
+            (
+                bench_grain(src, size, a.batch_size, n_batches, a.workers, a.read_threads),
+                bench_torch(src, size, a.batch_size, n_batches, a.workers),
+            )
+            for _ in range(reps)
+        ]
+        g = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
+        t = {k: statistics.median(r[1][k] for r in runs) for k in runs[0][1]}
+        ratio = round(g["images_per_s"] / t["images_per_s"], 3)
+        rows.append({"size": size, "grain": g, "torch": t, "ratio": ratio, "runs": runs})
         print(
             f"{size:4d} px  grain {g['images_per_s']:8.1f} img/s (start {g['startup_s']:.1f} s)   "
-            f"torch {t['images_per_s']:8.1f} img/s (start {t['startup_s']:.1f} s)   ratio {rows[-1]['ratio']:.2f}",
+            f"torch {t['images_per_s']:8.1f} img/s (start {t['startup_s']:.1f} s)   ratio {ratio:.2f}  "
+            f"(median of {reps})",
             flush=True,
         )
     result = {
         "workers": a.workers,
         "batch_size": a.batch_size,
         "batches": n_batches,
+        "reps": reps,
         "images": len(src),
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),

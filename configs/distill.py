@@ -53,7 +53,7 @@ def get_config(arg=None):
 
     # --- data
     c.data = ml_collections.ConfigDict(dict(
-        name="rs-synth", image_size=64, train_size=4000, eval_size=200, batch_size=16, seq_len=192,
+        name="rs-synth", image_size=64, train_size=4000, eval_size=200, batch_size=16, seq_len=184,
         prompt_len=160, num_workers=0, tokenizer="", vocab_size=600, instruct_json="", image_root="",
         template="vicuna_v1", skip_bad_records=False))
 
@@ -78,8 +78,7 @@ def get_config(arg=None):
         c.ckpt_every = 3
         c.teacher.sft_steps = 4
         c.student.sft_steps = 2
-        c.data.update(image_size=32, train_size=64, eval_size=16, batch_size=4, seq_len=128, prompt_len=112,
-                      vocab_size=400)
+        c.data.update(image_size=32, train_size=64, eval_size=16, batch_size=4, seq_len=136, prompt_len=112)
         c.sampling.max_new_tokens = 8
         c.eval.update(limit=8, max_new_tokens=8, batch_size=8)
     elif a.preset == "geochat13b_to_7b":

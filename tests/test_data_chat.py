@@ -209,3 +209,48 @@ def test_missing_image_is_added_and_text_image_token_rejected(tok):
             bos_id=s.bos,
             eos_id=s.eos,
         )
+
+
+def test_model_directory_with_only_sentencepiece_model(tok_dir, tmp_path):
+    """A LLaMA/Vicuna-style model directory (tokenizer.model + tokenizer_config.json, no tokenizer.json):
+    `<image>` is appended after the vocabulary (llava-hf: 32000 for LLaMA) and the segments tokenize as the
+    SentencePiece model does."""
+    import json
+    import shutil
+
+    from rskd_jax.data.tokenizer import load_tokenizer
+
+    shutil.copy(tok_dir / "sentencepiece.model", tmp_path / "tokenizer.model")
+    cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    s = special_ids(tok)
+    assert (s.bos, s.eos, s.pad, s.image, s.vocab_size) == (
+        1,
+        2,
+        0,
+        sp.get_piece_size(),
+        sp.get_piece_size() + 1,
+    )
+    enc = chat.encode(
+        chat.normalize_turns(CONV),
+        "vicuna_v1",
+        TextEncoder(tok),
+        image_token_id=s.image,
+        image_seq_length=N_IMG,
+        bos_id=s.bos,
+        eos_id=s.eos,
+    )
+    ids, mask = _independent(EXPECTED_VICUNA, sp.encode, s.bos, s.eos, s.image)
+    np.testing.assert_array_equal(enc.ids, ids)
+    np.testing.assert_array_equal(enc.loss_mask, mask)

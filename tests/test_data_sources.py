@@ -15,6 +15,7 @@ from rskd_jax.data.sources import (
     RSVQASource,
     SceneFolderSource,
     class_words,
+    infer_task,
 )
 from rskd_jax.data.transforms import decode_image
 
@@ -72,6 +73,18 @@ def test_ucm_captions(shared_data):
     assert len(CaptionSource(shared_data / "ucm_captions.jsonl", root, per_caption=True)) == 5 * 1292
 
 
+def test_infer_task():
+    qs = [
+        "[refer] where is <p>plane</p> ?",
+        "[grounding]Describe",
+        "[identify] What is the object present at {",
+        "Classify the given image in one of",
+        "Is it rural?\nAnswer the question using a single word or phrase.",
+        "Describe the image in detail.",
+    ]
+    assert [infer_task(q) for q in qs] == ["refer", "grounding", "region_caption", "scene", "vqa", "instruct"]
+
+
 def test_class_words():
     assert [
         class_words(c)
@@ -118,6 +131,7 @@ def test_instruct_json_and_malformed_jsonl(tmp_path):
         InstructSource(tmp_path / "i.json", tmp_path)
     src = InstructSource(tmp_path / "i.json", tmp_path, skip_bad_records=True)
     assert len(src) == 1 and src.bad.count == 1 and src[0]["image"] == str(tmp_path / "x/a.png")
+    assert src[0]["task"] == "instruct"
     lines = [json.dumps(recs[0]), "{not json", json.dumps(recs[0])]
     (tmp_path / "i.jsonl").write_text("\n".join(lines))
     with pytest.raises(DataError, match=r"i.jsonl:2: malformed JSON line"):

@@ -110,32 +110,35 @@ def make_dataset(
         if num_epochs != 1:
             ds = ds.repeat(num_epochs)
         comps.append(ds)
-    if len(comps) > 1:
-        ds = grain.MapDataset.mix(comps, weights)
-    elif weights is not None and len(weights) != 1:
-        raise ValueError(f"{len(weights)} weights for 1 source")
-    else:
-        ds = comps[0]
+    if weights is not None and len(weights) != len(comps):
+        raise ValueError(f"{len(weights)} weights for {len(comps)} sources")
+    ds = grain.MapDataset.mix(comps, weights) if len(comps) > 1 else comps[0]
     ds = ds.map(_Guarded(transform, skip_bad_records, with_metadata))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size))
     return ds.batch(batch_size, drop_remainder=drop_remainder)
 
 
-def make_iterator(dataset: grain.IterDataset, num_workers: int = 0, per_worker_buffer_size: int = 2):
-    """Iterator over `dataset` with `num_workers` worker processes (0 = in this process). Close it
-    (`it.close()`, when it has one) when done; its `get_state()` is what checkpoints store."""
+def make_iterator(
+    dataset: grain.IterDataset, num_workers: int = 0, per_worker_buffer_size: int = 2, own_memory: bool = True
+):
+    """Iterator over `dataset` with `num_workers` worker processes (0 = in this process); its `get_state()`
+    is what checkpoints store. Close it (`it.close()`) when done.
+
+    With workers, batches arrive in shared memory; `own_memory` copies them into ordinary arrays so each
+    shared block is freed at once (otherwise blocks live until garbage collection and leak warnings appear
+    at exit if batches are still referenced then).
+    """
     if num_workers > 0:
-        dataset = dataset.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=num_workers, per_worker_buffer_size=per_worker_buffer_size
-            )
-        ).map(_own_memory)
+        opts = grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=per_worker_buffer_size
+        )
+        dataset = dataset.mp_prefetch(opts)
+        if own_memory:
+            dataset = dataset.map(_own_memory)
     return iter(dataset)
 
 
 def _own_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Copies a worker's shared-memory batch into ordinary arrays so the shared block is freed at once
-    (otherwise blocks live until garbage collection and leak warnings appear at exit)."""
     return {k: np.array(v, copy=True) for k, v in batch.items()}
 
 

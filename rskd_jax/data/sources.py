@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from rskd_jax.data.chat import IMAGE_TOKEN
+from rskd_jax.data.chat import IMAGE_TOKEN, normalize_turns
 from rskd_jax.data.errors import BadRecords, DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -79,6 +79,16 @@ def human_gpt(question: str, answer: str | None) -> list[dict[str, str]]:
     return turns
 
 
+def infer_task(question: str) -> str:
+    """GeoChat task of an instruction from its text: task tags, the scene prompt, the VQA suffix."""
+    for tag, task in (("[refer]", "refer"), ("[grounding]", "grounding"), ("[identify]", "region_caption")):
+        if tag in question:
+            return task
+    if "Classify the given image" in question:
+        return "scene"
+    return "vqa" if "single word or phrase" in question else "instruct"
+
+
 class ListSource:
     """Records held in a list (the base of every source here)."""
 
@@ -126,7 +136,11 @@ def read_json_records(path: str | os.PathLike, bad: BadRecords) -> list[Any]:
 
 class InstructSource(ListSource):
     """GeoChat/LLaVA instruct JSON (`id`, `image`, `conversations`), `.json` list or `.jsonl`; images are
-    `image_root / record["image"]`. Structure is validated here, images later by the transform."""
+    `image_root / record["image"]`. Structure is validated here, images later by the transform. `task` is
+    the record's own or inferred from the first question (`infer_task`).
+
+    All records live in this object, which is pickled into each Grain worker; for very large sets prefer
+    the ArrayRecord copy (`tfds_builders.GeochatInstruct` + `TfdsSource`), read lazily."""
 
     def __init__(
         self,
@@ -134,10 +148,7 @@ class InstructSource(ListSource):
         image_root: str | os.PathLike,
         *,
         skip_bad_records: bool = False,
-        task: str = "instruct",
     ):
-        from rskd_jax.data.chat import normalize_turns  # pylint: disable=g-import-not-at-top
-
         self.bad = BadRecords(skip_bad_records, str(path))
         root = pathlib.Path(image_root)
         records = []
@@ -155,7 +166,7 @@ class InstructSource(ListSource):
                     "id": str(r.get("id", k)),
                     "image": str(root / r["image"]),
                     "conversations": r["conversations"],
-                    "task": r.get("task", task),
+                    "task": r.get("task") or infer_task(r["conversations"][0]["value"]),
                     "meta": {"source_index": k},
                 }
             )

@@ -72,6 +72,7 @@ _SIZES = {
     "building": ((11, 17), (8, 12), False),
 }
 _HARBOUR_SHORE = 45  # water is x < 45 in harbour scenes
+_COLORS = ((200, 35, 35), (35, 70, 210), (235, 205, 40), (245, 245, 245))  # vehicles
 
 
 def format_box(box: Sequence[float], angle: int = 0) -> str:
@@ -283,7 +284,6 @@ class SynthSource:
                     for o in objs
                 ):
                     continue
-                colors = ((200, 35, 35), (35, 70, 210), (235, 205, 40), (245, 245, 245))
                 objs.append(
                     {
                         "name": name,
@@ -291,13 +291,11 @@ class SynthSource:
                         "angle": angle,
                         "polygon": np.round(poly.reshape(-1), 2).tolist(),
                         "aabb": [*lo_xy, *hi_xy],
-                        "color": colors[rng.integers(len(colors))],
+                        "color": _COLORS[rng.integers(len(_COLORS))],
                     }
                 )
                 break
-        objs.sort(
-            key=lambda o: (o["box"][0] + o["box"][2], o["box"][1] + o["box"][3])
-        )  # left to right (centre)
+        objs.sort(key=lambda o: (o["box"][0] + o["box"][2], o["box"][1] + o["box"][3]))  # left to right
         return objs
 
     def _task(self, rng, task: str, scene: str, objs: list[dict]) -> tuple[str, str, dict]:

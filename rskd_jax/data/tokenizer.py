@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterable
 
 from rskd_jax.data.chat import IMAGE_TOKEN
+from rskd_jax.data.errors import log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,14 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     if not lines:
         raise ValueError("train_tokenizer: no text")
     n_chars = len(set("".join(lines)))
-    vocab_size = max(vocab_size, 256 + 3 + n_chars + 8)
+    if vocab_size < 256 + 3 + n_chars + 8:
+        log.warning(
+            "train_tokenizer: vocab_size %d raised to %d (256 bytes + 3 specials + %d characters + 8)",
+            vocab_size,
+            256 + 3 + n_chars + 8,
+            n_chars,
+        )
+        vocab_size = 256 + 3 + n_chars + 8
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

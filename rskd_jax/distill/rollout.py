@@ -7,6 +7,10 @@ plain on-policy sampling; `greedy=True` takes the argmax of the mixture (alpha =
 
 Everything here runs inside `jax.jit`: prefill, then a `lax.while_loop` over new tokens that stops as soon as every
 row has emitted EOS (no Python per token).
+
+The image placeholder id (`model.cfg.image_token_id`) is never generated when it lies inside the vocabulary: fed
+back, the model would treat it as an image slot, not as text (transformers' `generate(suppress_tokens=[id])`
+does the same). Its logit is set to -inf in both models before temperature / top-k / top-p.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ def process_logits(logits: jax.Array, temperature: float, top_k: int, top_p: flo
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         exclusive = jnp.cumsum(probs, axis=-1) - probs
-        remove_sorted = exclusive > top_p  # keeps at least the most likely token
+        remove_sorted = (exclusive >= top_p).at[:, 0].set(False)  # HF TopPLogitsWarper; keeps the top token
         remove = jnp.zeros_like(remove_sorted).at[
             jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
         logits = jnp.where(remove, -jnp.inf, logits)
@@ -58,11 +62,16 @@ def process_logits(logits: jax.Array, temperature: float, top_k: int, top_p: flo
 
 
 def _next_logits(model, ids, mask, cache, pixel_values=None, vision_features=None):
-    """Runs `model` on `ids` with `cache` and returns the logits of the last position [B, V] and the new cache."""
+    """Runs `model` on `ids` with `cache` and returns the logits of the last position [B, V] (image placeholder
+    suppressed) and the new cache."""
     last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
     out = model(ids, pixel_values, attention_mask=mask, cache=cache, vision_features=vision_features,
                 logits_at=last)
-    return out.logits[:, 0].astype(jnp.float32), out.cache
+    logits = out.logits[:, 0].astype(jnp.float32)
+    image_id = getattr(getattr(model, "cfg", None), "image_token_id", None)
+    if image_id is not None and 0 <= image_id < logits.shape[-1]:
+        logits = logits.at[:, image_id].set(-jnp.inf)
+    return logits, out.cache
 
 
 def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, *, eos_id: int, pad_id: int,
@@ -108,7 +117,12 @@ def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, 
                 log_mix = log_q
         else:
             log_p, log_mix = jnp.zeros_like(log_q), log_q
-        tok = jnp.argmax(log_mix, -1) if cfg.greedy else jax.random.categorical(key, log_mix, axis=-1)
+        if cfg.greedy and cfg.alpha == 0:  # argmax of the logits themselves, as HF greedy search does
+            tok = jnp.argmax(c["s_logits"], -1)
+        elif cfg.greedy:
+            tok = jnp.argmax(log_mix, -1)
+        else:
+            tok = jax.random.categorical(key, log_mix, axis=-1)
         tok = tok.astype(jnp.int32)
         valid = ~c["done"]
         pick = lambda lp: jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
@@ -117,9 +131,12 @@ def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, 
         upd = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], t, axis=1)
         vf = valid.astype(jnp.float32)
         tokens = upd(c["tokens"], jnp.where(valid, tok, pad_id))
-        out = dict(c, t=t + 1, rng=rng, tokens=tokens, mask=upd(c["mask"], vf), s_lp=upd(c["s_lp"], lq * vf),
-                   t_lp=upd(c["t_lp"], lp_ * vf), w=upd(c["w"], jnp.where(valid, jnp.exp(lq - lm), 0.0)),
-                   done=c["done"] | (tok == eos_id))
+        # where, not multiply: a finished row's (unused) draw may have log q = -inf (outside the student's
+        # top-k / top-p set when alpha > 0), and -inf * 0 is NaN.
+        out = dict(c, t=t + 1, rng=rng, tokens=tokens, mask=upd(c["mask"], vf),
+                   s_lp=upd(c["s_lp"], jnp.where(valid, lq, 0.0)), t_lp=upd(c["t_lp"], jnp.where(valid, lp_, 0.0)),
+                   w=upd(c["w"], jnp.where(valid, jnp.exp(lq - lm), 0.0)),
+                   done=c["done"] | (valid & (tok == eos_id)))
         feed = jnp.where(valid, tok, pad_id)[:, None]
         feed_mask = valid.astype(jnp.int32)[:, None]
         out["s_logits"], out["s_cache"] = _next_logits(student, feed, feed_mask, c["s_cache"])

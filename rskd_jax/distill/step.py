@@ -76,10 +76,10 @@ def trainable_filter(spec: str):
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """clip-by-global-norm + AdamW with warm-up and cosine/constant/linear decay (MiniLLM: betas .9/.95)."""
     steps = max(int(cfg.total_steps), 1)
-    warm = int(cfg.get("warmup_steps", 0))
+    warm = min(int(cfg.get("warmup_steps", 0)), steps - 1)  # a warm-up longer than the run is clamped
     sched_name = cfg.get("schedule", "cosine")
     if sched_name == "cosine":
-        sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warm, 1) if warm else 1, steps,
+        sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warm, 1), max(steps, 2),
                                                    end_value=cfg.lr * cfg.get("end_lr_factor", 0.0))
     elif sched_name == "linear":
         sched = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
@@ -130,6 +130,7 @@ class StepSpec:
     feature_layers: tuple = ()  # ((student_idx, teacher_idx), ...) HF hidden-state indices
     shared_vision: bool = False
     grad_accum: int = 1
+    chunk_size: int = 128  # sequence chunk of the vocabulary-sized losses (only [B, chunk, V] logits live)
     eos_id: int = 2
     pad_id: int = 0
     image_token_id: int = 0
@@ -155,7 +156,7 @@ def spec_from_config(cfg, model_cfg) -> StepSpec:
         clip_eps=lo.clip_eps, gamma=lo.gamma, include_current=lo.include_current, length_norm=lo.length_norm,
         whiten=lo.whiten, temperature=lo.temperature, feature_kind=lo.feature_kind,
         feature_layers=tuple(tuple(p) for p in lo.feature_layers), shared_vision=cfg.get("shared_vision", False),
-        grad_accum=cfg.optim.get("grad_accum", 1), eos_id=model_cfg.eos_token_id, pad_id=model_cfg.pad_token_id,
+        grad_accum=cfg.optim.get("grad_accum", 1), chunk_size=lo.get("chunk_size", 128), eos_id=model_cfg.eos_token_id, pad_id=model_cfg.pad_token_id,
         image_token_id=model_cfg.image_token_id)
 
 
@@ -178,23 +179,28 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
         ro = jax.tree.map(frozen, ro)
         ids, mask, pos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
         s_out = model(ids, pix, attention_mask=mask, vision_features=sv, compute_logits=False)
-        t_out = teacher(ids, pix, attention_mask=mask, vision_features=tv, compute_logits=False)
-        s_logits = model.logits(_gather_positions(s_out.last_hidden, pos)) / spec.temperature
-        t_logits = jax.lax.stop_gradient(teacher.logits(_gather_positions(t_out.last_hidden, pos))) / spec.temperature
+        t_out = jax.lax.stop_gradient(teacher(ids, pix, attention_mask=mask, vision_features=tv,
+                                              compute_logits=False))
         rmask = ro.mask
-        if spec.w("rkl") > 0:
-            rkl = L.reverse_kl(s_logits, t_logits, rmask)
-            metrics["loss/rkl"] = rkl
-            total += spec.w("rkl") * rkl
-        if spec.w("pg") > 0:
-            logq = L.token_logprobs(s_logits, ro.tokens)
-            rewards = (ro.teacher_logprobs - ro.student_logprobs) * rmask
-            adv = L.long_term_advantages(rewards, rmask, gamma=spec.gamma, include_current=spec.include_current,
-                                         length_norm=spec.length_norm, whiten=spec.whiten)
-            pg = L.policy_gradient_loss(logq, ro.student_logprobs, jax.lax.stop_gradient(adv), rmask, ro.weights,
-                                        spec.clip_eps)
-            metrics["loss/pg"] = pg
-            total += spec.w("pg") * pg
+        rewards = (ro.teacher_logprobs - ro.student_logprobs) * rmask
+        adv = jax.lax.stop_gradient(L.long_term_advantages(
+            rewards, rmask, gamma=spec.gamma, include_current=spec.include_current, length_norm=spec.length_norm,
+            whiten=spec.whiten))
+        tau, clip = spec.temperature, spec.clip_eps
+
+        def per_token(s_lg, t_lg, tok, old, a, w):
+            s_lg, t_lg = s_lg / tau, t_lg / tau
+            return dict(rkl=L.reverse_kl_per_token(s_lg, t_lg),
+                        pg=L.policy_gradient_per_token(L.token_logprobs(s_lg, tok), old, a, w, clip))
+
+        terms, _ = L.chunked_token_loss(
+            _gather_positions(s_out.last_hidden, pos), _gather_positions(t_out.last_hidden, pos), model.logits,
+            teacher.logits, rmask, per_token, spec.chunk_size,
+            token_args=(ro.tokens, ro.student_logprobs, adv, ro.weights))
+        for name in ("rkl", "pg"):
+            if spec.w(name) > 0:
+                metrics[f"loss/{name}"] = terms[name]
+                total += spec.w(name) * terms[name]
         n = jnp.maximum(rmask.sum(), 1.0)
         metrics["rollout/rev_kl_k3"] = L.k3_reverse_kl_estimate(ro.teacher_logprobs, ro.student_logprobs, rmask)
         metrics["rollout/length"] = ro.lengths.astype(jnp.float32).mean()
@@ -210,21 +216,29 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
         s_out = model(ids, pix, attention_mask=amask, vision_features=sv, compute_logits=False,
                       return_hidden=s_layers)
         pred_mask = _answer_positions(lmask)  # positions whose logits predict an answer token
-        s_logits = model.logits(s_out.last_hidden) / spec.temperature
         targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-        if spec.w("sft") > 0:
-            ce = -(L.token_logprobs(s_logits, targets) * pred_mask).sum() / jnp.maximum(pred_mask.sum(), 1.0)
-            metrics["loss/sft"] = ce
-            total += spec.w("sft") * ce
+        t_out = None
         if teacher is not None and spec.needs_teacher_gt:
-            t_out = teacher(ids, pix, attention_mask=amask, vision_features=tv, compute_logits=False,
-                            return_hidden=t_layers)
-            t_out = jax.lax.stop_gradient(t_out)
-            if spec.w("fkl") > 0:
-                t_logits = teacher.logits(t_out.last_hidden) / spec.temperature
-                fkl = L.forward_kl(s_logits, jax.lax.stop_gradient(t_logits), pred_mask)
-                metrics["loss/fkl"] = fkl
-                total += spec.w("fkl") * fkl
+            t_out = jax.lax.stop_gradient(teacher(ids, pix, attention_mask=amask, vision_features=tv,
+                                                  compute_logits=False, return_hidden=t_layers))
+        tau = spec.temperature
+        use_fkl = spec.w("fkl") > 0 and t_out is not None
+
+        def per_token(s_lg, t_lg, tgt):
+            out = dict(sft=-L.token_logprobs(s_lg / tau, tgt))
+            if use_fkl:
+                out["fkl"] = L.forward_kl_per_token(s_lg / tau, t_lg / tau)
+            return out
+
+        if spec.w("sft") > 0 or use_fkl:
+            terms, _ = L.chunked_token_loss(
+                s_out.last_hidden, t_out.last_hidden if use_fkl else None, model.logits,
+                teacher.logits if use_fkl else None, pred_mask, per_token, spec.chunk_size, token_args=(targets,))
+            for name in ("sft", "fkl"):
+                if spec.w(name) > 0 and name in terms:
+                    metrics[f"loss/{name}"] = terms[name]
+                    total += spec.w(name) * terms[name]
+        if t_out is not None:
             image_mask = (ids == spec.image_token_id).astype(jnp.float32) * amask
             for i, (si, ti) in enumerate(spec.feature_layers if s_layers else ()):
                 proj = student.maps[f"layer{i}"] if f"layer{i}" in student.maps else None
@@ -264,13 +278,14 @@ def feature_maps_for(spec_layers, student_cfg, teacher_cfg, rngs, with_proj: boo
 
 # ----------------------------------------------------------------------------------------------- the step
 def make_train_step(student: DistillStudent, teacher, spec: StepSpec, tx: optax.GradientTransformation,
-                    trainable: str = "all", *, state_sharding=None, batch_sharding=None, donate: bool = True):
-    """Builds `(init_state, step_fn)`; step_fn(state, frozen, teacher_state, batch, rng?) is jit-compiled.
+                    trainable: str = "all", *, mesh=None, donate: bool = True):
+    """Builds `(init, step, parts)` for a `DistillStudent` (+ an optional frozen teacher).
 
-    Returns:
-      init: () -> TrainState (params = trainable subset of `student`)
-      step: (state, frozen_student_state, teacher_state, batch) -> (state, metrics)
-      parts: dict(graphdef, teacher_graphdef, frozen) for checkpointing / export
+    init: (params, rng_key) -> TrainState, where params = parts["params"] (the trainable subset).
+    step: (state, frozen_student_state, teacher_state, batch) -> (state, metrics), jit-compiled. With a `mesh`, every
+      input and output has an explicit sharding from the logical-axis rules (rskd_jax.parallel.rules): parameters and
+      optimizer moments per the weight annotations, the batch over (data, fsdp); the state is donated.
+    parts: graphdef / params / frozen (student) and teacher_graphdef / teacher (states), for checkpointing and export.
     """
     filt = trainable_filter(trainable)
     graphdef, params, frozen = nnx.split(student, filt, ...)
@@ -294,37 +309,60 @@ def make_train_step(student: DistillStudent, teacher, spec: StepSpec, tx: optax.
         if k == 1:
             (loss, metrics), grads = grad_fn(state.params, fz, ts, batch, step_rng)
         else:
-            micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
-            rngs = jax.random.split(step_rng, k)
-
-            def acc(carry, xs):
-                g_sum, l_sum, m_sum = carry
-                mb, r = xs
-                (l, m), g = grad_fn(state.params, fz, ts, mb, r)
-                return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, jax.tree.map(jnp.add, m_sum, m)), None
-
-            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-            m_shape = jax.eval_shape(lambda: grad_fn(state.params, fz, ts, jax.tree.map(lambda x: x[0], micro),
-                                                     rngs[0])[0][1])
-            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-            (grads, loss, metrics), _ = jax.lax.scan(acc, (zeros_g, 0.0, zeros_m), (micro, rngs))
-            grads = jax.tree.map(lambda g: g / k, grads)
-            loss, metrics = loss / k, jax.tree.map(lambda m: m / k, metrics)
-        gnorm = optax.global_norm(grads)
+            (loss, metrics), grads = _accumulate(grad_fn, state.params, fz, ts, batch, step_rng, k)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=pick(new_params, state.params),
+        new_state = TrainState(step=state.step + 1, params=pick(new_params, state.params),
                                opt_state=pick(new_opt, state.opt_state), rng=rng)
         metrics = dict(metrics, grad_norm=gnorm, skipped=(~finite).astype(jnp.float32))
         return new_state, metrics
 
-    jit_kw = {}
-    if state_sharding is not None:
-        jit_kw = dict(in_shardings=(state_sharding["state"], state_sharding["frozen"], state_sharding["teacher"],
-                                    batch_sharding),
-                      out_shardings=(state_sharding["state"], None))
-    step = jax.jit(step_fn, donate_argnums=(0,) if donate else (), **jit_kw)
-    return init_fn, step, dict(graphdef=graphdef, params=params, frozen=frozen, teacher_graphdef=t_graphdef,
-                               teacher=t_state)
+    parts = dict(graphdef=graphdef, params=params, frozen=frozen, teacher_graphdef=t_graphdef, teacher=t_state)
+    donate_kw = dict(donate_argnums=(0,) if donate else ())
+    if mesh is None:
+        return init_fn, jax.jit(step_fn, **donate_kw), parts
+    sh = shardings(init_fn, parts, mesh)
+    parts["shardings"] = sh
+    init = jax.jit(init_fn, in_shardings=(sh["params"], sh["replicated"]), out_shardings=sh["state"])
+    step = jax.jit(step_fn, in_shardings=(sh["state"], sh["frozen"], sh["teacher"], sh["batch"]),
+                   out_shardings=(sh["state"], sh["replicated"]), **donate_kw)
+    return init, step, parts
+
+
+def _accumulate(grad_fn, params, fz, ts, batch, rng, k):
+    """Gradient accumulation: mean of value_and_grad over k micro-batches (a lax.scan; one rollout each)."""
+    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+    rngs = jax.random.split(rng, k)
+    first = jax.tree.map(lambda x: x[0], micro)
+    (_, m_shape), _ = jax.eval_shape(grad_fn, params, fz, ts, first, rngs[0])
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape))
+
+    def body(carry, xs):
+        (l, m), g = grad_fn(params, fz, ts, *xs)
+        return jax.tree.map(jnp.add, carry, (g, l, m)), None
+
+    (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (micro, rngs))
+    return (loss / k, jax.tree.map(lambda m: m / k, metrics)), jax.tree.map(lambda g: g / k, grads)
+
+
+def shardings(init_fn, parts, mesh) -> dict:
+    """Explicit shardings of everything the step takes. Optimizer-state shardings are read off the compiled
+    `init_fn` (XLA propagates each parameter's sharding to its Adam moments); nothing is allocated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+
+    from rskd_jax.parallel import rules  # noqa: PLC0415
+    repl = NamedSharding(mesh, P())
+    p_sh = rules.named_shardings(parts["params"], mesh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(parts["params"])
+    abstract_params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                                                   for x, s in zip(leaves, jax.tree.leaves(p_sh))])
+    compiled = jax.jit(init_fn, in_shardings=(p_sh, repl)).lower(abstract_params, key).compile()
+    return dict(params=p_sh, state=compiled.output_shardings, replicated=repl,
+                frozen=rules.named_shardings(parts["frozen"], mesh),
+                teacher=rules.named_shardings(parts["teacher"], mesh) if parts["teacher"] is not None else None,
+                batch=NamedSharding(mesh, P(("data", "fsdp"))))  # a prefix for every [B, ...] batch array

@@ -1,7 +1,7 @@
 """Flax NNX ports of CLIP-ViT, the LLaVA projector, LLaMA and the LLaVA/GeoChat model."""
 
 from rskd_jax.models.clip_vit import ClipOutput, ClipVisionModel, interpolate_pos_table
-from rskd_jax.models.llama import KVCache, LlamaModel
+from rskd_jax.models.llama import KVCache, LlamaModel, cache_shardings
 from rskd_jax.models.llava import LlavaModel, LlavaOutput
 from rskd_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora
 from rskd_jax.models.presets import LlavaConfig, TextConfig, VisionConfig, get_preset, param_counts
@@ -13,6 +13,7 @@ __all__ = [
     "interpolate_pos_table",
     "KVCache",
     "LlamaModel",
+    "cache_shardings",
     "LlavaModel",
     "LlavaOutput",
     "LoRAConfig",

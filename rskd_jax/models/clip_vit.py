@@ -152,7 +152,10 @@ class ClipVisionModel(nnx.Module):
                 policy=self.remat,
             )
         # Scanned: layers >= index are skipped with lax.cond (no copy of the stacked weights).
-        body = lambda layer, h, i: jax.lax.cond(i < index, lambda: layer(h), lambda: h)
+        if index == n:
+            body = lambda layer, h, i: layer(h)
+        else:
+            body = lambda layer, h, i: jax.lax.cond(i < index, lambda: layer(h), lambda: h)
         return run_layers(self.layers, body, h, jnp.arange(n), scan=True, policy=self.remat)
 
 

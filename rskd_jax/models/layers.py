@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rskd_jax.parallel.rules import constrain
+from rskd_jax.parallel.rules import constrain, logical_to_spec
 
 NEG_INF = float(np.finfo(np.float32).min)
 
@@ -143,16 +143,24 @@ def _cudnn_attention(q, k, v, mask):
         raise NotImplementedError("attention_impl='cudnn' needs an NVIDIA GPU; use 'xla' on CPU/TPU")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16/float16 compute, got {q.dtype}")
+    if mask is not None:  # rows with no key at all (pad queries) attend everything: finite, not NaN
+        mask = mask | ~mask.any(-1, keepdims=True)
     m = None if mask is None else mask[:, None]  # [B, 1, T, S]
     return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
 
 
-def _splash_attention(q, k, v, mask):
-    """TPU splash attention for the full-sequence (no KV cache) causal case; padding via segment ids.
+SPLASH_INTERPRET = False  # tests set True: run the Pallas kernel in interpret mode on CPU
+SPLASH_BLOCK = 128
 
-    Untested here (no TPU on the dev machine); raises on other platforms.
+
+def _splash_attention(q, k, v, mask):
+    """TPU splash attention for full-sequence forwards (no KV cache): causal + key padding, or full (CLIP).
+
+    Key padding becomes segment ids (pads 0, real tokens 1), so real queries never see pads; the sequence is
+    padded to a multiple of SPLASH_BLOCK. Under a mesh the kernel runs per shard (shard_map over batch and
+    heads, by the rules table). Pad query rows differ from the XLA path's (both are meaningless).
     """
-    if jax.devices()[0].platform != "tpu":
+    if jax.devices()[0].platform != "tpu" and not SPLASH_INTERPRET:
         raise NotImplementedError(
             "attention_impl='splash' is the TPU Pallas kernel; use 'xla' (or 'cudnn' on GPU)"
         )
@@ -160,16 +168,47 @@ def _splash_attention(q, k, v, mask):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, t, h, d = q.shape
-    if k.shape[1] != t or mask is None:
-        raise NotImplementedError("splash attention supports only causal self-attention without a KV cache")
-    # Key validity from the mask's last query row; causal structure is the kernel's own mask.
-    seg = mask[:, -1, :].astype(jnp.int32)
-    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.CausalMask((t, t))] * h), head_shards=1, q_seq_shards=1)
+    if k.shape[1] != t:
+        raise NotImplementedError("splash attention is for self-attention without a KV cache")
+    causal = mask is not None
+    # Without a cache the mask is key_valid & causal, so its last query row is the key validity.
+    seg = mask[:, -1, :].astype(jnp.int32) if causal else jnp.ones((b, t), jnp.int32)
+    pad = -t % SPLASH_BLOCK
     rep = h // k.shape[2]
-    kk, vv = (jnp.repeat(x, rep, axis=2) if rep > 1 else x for x in (k, v))
-    f = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1))
-    out = jax.vmap(f)((q * d**-0.5).swapaxes(1, 2), kk.swapaxes(1, 2), vv.swapaxes(1, 2), seg)
-    return out.swapaxes(1, 2)
+    k, v = (jnp.repeat(x, rep, axis=2) if rep > 1 else x for x in (k, v))
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).swapaxes(1, 2) for x in (q * d**-0.5, k, v))
+    seg = jnp.pad(seg, ((0, 0), (0, pad)))
+    n = t + pad
+    blocks = sk.BlockSizes(
+        block_q=SPLASH_BLOCK,
+        block_kv=SPLASH_BLOCK,
+        block_kv_compute=SPLASH_BLOCK,
+        block_q_dkv=SPLASH_BLOCK,
+        block_kv_dkv=SPLASH_BLOCK,
+        block_kv_dkv_compute=SPLASH_BLOCK,
+        block_q_dq=SPLASH_BLOCK,
+        block_kv_dq=SPLASH_BLOCK,
+    )
+
+    def run(q, k, v, seg):  # one shard: q/k/v [b', h', n, d], seg [b', n]
+        base = sm.CausalMask((n, n)) if causal else sm.FullMask((n, n))
+        kernel = sk.make_splash_mha(
+            sm.MultiHeadMask([base] * q.shape[1]),
+            head_shards=1,
+            q_seq_shards=1,
+            block_sizes=blocks,
+            interpret=SPLASH_INTERPRET,
+        )
+        return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1)))(
+            q, k, v, seg
+        )
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty:
+        spec = logical_to_spec(("batch", "heads", "seq", "head_dim"), q.shape, mesh)
+        seg_spec = jax.sharding.PartitionSpec(spec[0], None)
+        run = jax.shard_map(run, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)
+    return run(q, k, v, seg).swapaxes(1, 2)[:, :t]
 
 
 def remat(fn: Callable, policy: str, *, prevent_cse: bool = True) -> Callable:

@@ -6,8 +6,10 @@ cumsum(mask) - 1 clipped at 0, so left- and right-padded rows get the positions 
 KV cache (`KVCache`): keys/values for every layer in slots [0, max_len). A call with a cache writes its
 T tokens at slots [index, index + T) (a prefill from an empty cache writes [0, T); later one-token steps
 write at the current index), records which slots hold real tokens (`valid`), and continues each row's
-positions from `next_pos`. Queries attend to valid slots at or before their own slot. Writing past
-max_len is not checked under jit (dynamic_update_slice would clamp): size the cache for prompt + new tokens.
+positions from `next_pos`. Queries attend to valid slots at or before their own slot. Cached calls
+always use the XLA attention path (attention_impl 'cudnn'/'splash' apply to full-sequence forwards).
+Writing past max_len is not checked under jit (dynamic_update_slice would clamp): size the cache for
+prompt + new tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rskd_jax.models.layers import (
     Linear,
@@ -32,6 +35,7 @@ from rskd_jax.models.layers import (
     stacked,
 )
 from rskd_jax.models.presets import TextConfig
+from rskd_jax.parallel.rules import logical_to_spec
 
 
 @flax.struct.dataclass
@@ -84,7 +88,9 @@ class LlamaLayer(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(q.dtype)
             v = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(q.dtype)
             kv = (k_all, v_all)
-        o = attention(q, k, v, mask, self.attention_impl).reshape(b, t, -1)
+        # Calls with a KV cache (rollout prefill/decode) attend over cache slots: always the XLA path.
+        impl = self.attention_impl if kv is None else "xla"
+        o = attention(q, k, v, mask, impl).reshape(b, t, -1)
         h = h + checkpoint_name(self.o_proj(o, rngs[3]), "attn_out")
         x = self.post_norm(h)
         x = constrain(
@@ -146,8 +152,8 @@ class LlamaModel(nnx.Module):
         shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
         dtype = self.dtype if dtype is None else dtype
         return KVCache(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=constrain(jnp.zeros(shape, dtype), CACHE_AXES),
+            v=constrain(jnp.zeros(shape, dtype), CACHE_AXES),
             valid=jnp.zeros((batch_size, max_len), bool),
             index=jnp.zeros((), jnp.int32),
             next_pos=jnp.zeros((batch_size,), jnp.int32),
@@ -230,6 +236,18 @@ class LlamaModel(nnx.Module):
         """Text-only convenience (LlamaForCausalLM): -> (logits fp32 [B,T,V], {index: hidden}, cache)."""
         last, hidden, cache = self(self.embed(input_ids), attention_mask, positions, cache, return_hidden)
         return self.logits(last), hidden, cache
+
+
+def cache_shardings(cache: KVCache, mesh) -> KVCache:
+    """NamedShardings for a KV cache per the rules table (e.g. for jit in/out_shardings in a rollout)."""
+    named = lambda x, names: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh))
+    return KVCache(
+        k=named(cache.k, CACHE_AXES),
+        v=named(cache.v, CACHE_AXES),
+        valid=named(cache.valid, ("batch", "cache_seq")),
+        index=NamedSharding(mesh, PartitionSpec()),
+        next_pos=named(cache.next_pos, ("batch",)),
+    )
 
 
 def _norm_index(i: int, n: int) -> int:

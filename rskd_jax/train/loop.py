@@ -1,0 +1,148 @@
+"""The training loop shared by every stage (teacher SFT, student SFT, distillation).
+
+One `fit(...)` call: shard the models onto the mesh, build the jitted step (rskd_jax.distill.step), resume from the
+newest valid checkpoint in `workdir/checkpoints` (train state + Grain iterator state; a corrupt newest checkpoint
+falls back to the previous one), run to `total_steps` with a progress line, metrics to JSONL/TensorBoard, periodic
+checkpoints, SIGTERM/preemption -> save at the next step boundary and stop, and non-finite steps skipped (the run
+stops after `max_nonfinite_in_a_row` of them, the last good checkpoint intact).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import pathlib
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rskd_jax.distill import step as S
+from rskd_jax.parallel import multihost, rules
+from rskd_jax.train import checkpoint as ckpt_lib
+from rskd_jax.train import preemption, progress, writers
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FitResult:
+    model: nnx.Module  # the trained model (student side of DistillStudent), parameters updated
+    maps: nnx.Module  # the feature maps trained with it (dropped at export)
+    step: int
+    preempted: bool
+    history: list  # logged metric dicts
+
+
+def fingerprint(state) -> str:
+    """A short hash of a model's parameters (shapes + a few values): recorded so resume refuses another teacher."""
+    h = hashlib.sha256()
+    for path, x in sorted(jax.tree_util.tree_flatten_with_path(state)[0], key=lambda kv: str(kv[0])):
+        arr = np.asarray(jax.device_get(x)).ravel()
+        h.update(str(path).encode() + str(arr.shape).encode() + arr[:16].astype(np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _to_global(batch: dict, mesh) -> dict:
+    return multihost.host_local_to_global({k: np.asarray(v) for k, v in batch.items()}, mesh)
+
+
+def fit(*, workdir, model, teacher, spec: S.StepSpec, optim_cfg, trainable: str, total_steps: int, dataset,
+        mesh, seed: int = 0, maps: dict | None = None, log_every: int = 10, ckpt_every: int = 100,
+        keep: int = 2, max_nonfinite_in_a_row: int = 5, num_workers: int = 0, config=None,
+        eval_fn: Callable | None = None, eval_every: int = 0, name: str = "train") -> FitResult:
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    student = S.DistillStudent(model, maps)
+    with jax.set_mesh(mesh):
+        rules.shard_model(student, mesh)
+        if teacher is not None:
+            rules.shard_model(teacher, mesh)
+    tx = S.make_optimizer(optim_cfg)
+    init_fn, step_fn, parts = S.make_train_step(student, teacher, spec, tx, trainable)
+    teacher_fp = fingerprint(parts["teacher"]) if teacher is not None else None
+    with jax.set_mesh(mesh):
+        state = jax.jit(init_fn)(parts["params"], jax.random.key(seed))
+    frozen, t_state = parts["frozen"], parts["teacher"]
+    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts["params"]))
+    log.info("[%s] %d trainable parameters (%s)", name, n_train, trainable)
+
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=keep)
+    data_it = iter(dataset) if num_workers == 0 else None
+    if data_it is None:
+        from rskd_jax.data.pipeline import make_iterator  # noqa: PLC0415
+        data_it = make_iterator(dataset, num_workers)
+    abstract = ckpt_lib.restore_target(jax.eval_shape(lambda: state), mesh)
+    restored = ckpt.restore_latest_valid(abstract, data_iter=data_it)
+    start = 0
+    if restored is not None:
+        saved_fp = (restored.meta or {}).get("teacher_fingerprint")
+        if teacher_fp is not None and saved_fp not in (None, teacher_fp):
+            raise ValueError(f"{workdir}: checkpoint step {restored.step} was trained against teacher {saved_fp}, "
+                             f"this run's teacher is {teacher_fp}; use a new --workdir or the original teacher")
+        state, start = restored.state, int(restored.step)
+        log.info("[%s] resumed from step %d (%s)", name, start, ckpt.step_dir(start))
+    history = _read_history(workdir)
+    writer = writers.create_default_writer(str(workdir), console=False)
+    prog = progress.Progress(total_steps, every=log_every, start_step=start, prefix=f"[{name}] ")
+    guard = preemption.NonFiniteGuard(max_nonfinite_in_a_row)
+    handler = preemption.PreemptionHandler().install()
+    avg = writers.Averages()
+    meta = dict(teacher_fingerprint=teacher_fp, stage=name)
+    preempted = False
+    step = start
+    try:
+        while step < total_steps:
+            batch = next(data_it)
+            tokens = float(np.asarray(batch["attention_mask"]).sum())
+            with jax.set_mesh(mesh):
+                state, metrics = step_fn(state, frozen, t_state, _to_global(batch, mesh))
+            metrics = jax.device_get(metrics)
+            step += 1
+            ok = guard.update(step, float(metrics["skipped"]) == 0.0)
+            if ok:
+                avg.update({k: float(v) for k, v in metrics.items()})
+            prog.update(step, {k: float(v) for k, v in metrics.items()}, tokens=tokens)
+            if step % log_every == 0 or step == total_steps:
+                scalars = dict(avg.compute(), skipped_total=guard.skipped)
+                avg.reset()
+                writer.write_scalars(step, scalars)
+                history.append(dict(step=step, **scalars))
+            if eval_fn is not None and eval_every and step % eval_every == 0:
+                writer.write_scalars(step, eval_fn(_merged(parts, state).model, step))
+            stop = handler.should_stop(step)
+            if ok and (step % ckpt_every == 0 or step == total_steps or stop):
+                ckpt.save(step, state, data_iter=data_it, config=config, meta=meta, force=stop)
+            if stop:
+                log.warning("[%s] stop requested (%s): saved step %d, exiting", name, handler.reason, step)
+                preempted = True
+                break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        handler.close()
+        if hasattr(data_it, "close"):
+            data_it.close()
+    merged = _merged(parts, state)
+    return FitResult(model=merged.model, maps=merged.maps, step=step, preempted=preempted, history=history)
+
+
+def _merged(parts, state) -> S.DistillStudent:
+    return nnx.merge(parts["graphdef"], state.params, parts["frozen"])
+
+
+def _read_history(workdir: pathlib.Path) -> list:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+

@@ -1,0 +1,212 @@
+"""What `launch/train.py` runs: the stages a config asks for, each resumable from its workdir.
+
+Stages (each in its own sub-directory of the workdir, each resuming from its own checkpoints):
+  teacher       fine-tune the teacher on the training data (the demo's tiny teacher; skipped when
+                `teacher.checkpoint` names a converted model and `teacher.sft_steps` is 0)
+  student_sft   the "student before distillation" baseline (MiniLLM phase 1; skipped likewise)
+  distill       the full method (configs/distill.py: loss weights, sampling, trainable subset)
+  eval          teacher / student before / student after on the evaluation split -> report.md + report.json
+
+A stage whose checkpoints already reach its step count is not re-run: its final checkpoint is restored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rskd_jax.distill import step as S
+from rskd_jax.parallel import mesh as mesh_lib
+from rskd_jax.parallel import multihost
+from rskd_jax.train import loop
+
+log = logging.getLogger("rskd_jax")
+
+
+@dataclasses.dataclass
+class Context:
+    config: object
+    workdir: pathlib.Path
+    tokenizer_dir: pathlib.Path
+    ids: object  # SpecialIds
+    vocab_size: int
+    mesh: object
+    train_source: object
+    eval_source: object
+
+
+def setup_logging():
+    root = logging.getLogger()
+    if not any(getattr(h, "_rskd", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        h._rskd = True
+        root.addHandler(h)
+    root.setLevel(logging.INFO)
+    for noisy in ("absl", "jax._src", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def make_sources(config, image_size: int):
+    from rskd_jax.data import SynthSource  # noqa: PLC0415
+    d = config.data
+    if d.name == "rs-synth":
+        return (SynthSource(d.train_size, image_size=image_size, seed=config.seed, split="train"),
+                SynthSource(d.eval_size, image_size=image_size, seed=config.seed, split="val"))
+    if d.name == "geochat_instruct":
+        from rskd_jax.data import InstructSource  # noqa: PLC0415
+        if not d.instruct_json:
+            raise KeyError("config data.instruct_json: path of GeoChat_Instruct.json is required for "
+                           "data.name='geochat_instruct'")
+        return InstructSource(d.instruct_json, image_root=d.image_root), None
+    raise KeyError(f"config data.name={d.name!r}: expected 'rs-synth' or 'geochat_instruct'")
+
+
+def prepare(config, workdir) -> Context:
+    from rskd_jax.data import load_tokenizer, special_ids  # noqa: PLC0415
+    from rskd_jax.data.synth import train_synth_tokenizer  # noqa: PLC0415
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok_dir = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else workdir / "tokenizer"
+    if not (tok_dir / "tokenizer_config.json").exists():
+        if config.data.tokenizer:
+            raise FileNotFoundError(f"config data.tokenizer={tok_dir}: no tokenizer_config.json there")
+        log.info("training a %d-token tokenizer on rs-synth -> %s", config.data.vocab_size, tok_dir)
+        train_synth_tokenizer(tok_dir, vocab_size=config.data.vocab_size, seed=config.seed)
+    tok = load_tokenizer(tok_dir)
+    ids = special_ids(tok)
+    train, evals = make_sources(config, config.data.image_size)
+    m = config.mesh
+    mesh = mesh_lib.make_mesh((m.data, m.fsdp, m.tensor))
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return Context(config, workdir, tok_dir, ids, len(tok), mesh, train, evals)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def model_config(ctx: Context, mc):
+    from rskd_jax.models import get_preset  # noqa: PLC0415
+    base = get_preset(mc.preset)
+    vision = dataclasses.replace(base.vision, image_size=ctx.config.data.image_size, **dict(mc.vision))
+    text = dataclasses.replace(base.text, vocab_size=ctx.vocab_size, **dict(mc.text))
+    return base.replace(vision=vision, text=text, image_token_id=ctx.ids.image, pad_token_id=ctx.ids.pad,
+                        bos_token_id=ctx.ids.bos, eos_token_id=ctx.ids.eos, **dict(mc.overrides))
+
+
+def build_model(ctx: Context, mc, seed: int):
+    """The model a config section names: a converted checkpoint, or a fresh random init (demo)."""
+    if mc.checkpoint:
+        from rskd_jax import load_pretrained  # noqa: PLC0415
+        loaded = load_pretrained(mc.checkpoint)
+        return loaded[0] if isinstance(loaded, tuple) else loaded.model
+    from rskd_jax.models import LlavaModel  # noqa: PLC0415
+    return LlavaModel(model_config(ctx, mc), rngs=nnx.Rngs(seed))
+
+
+def transform_for(ctx: Context, cfg):
+    from rskd_jax.data import ExampleTransform  # noqa: PLC0415
+    d = ctx.config.data
+    return ExampleTransform(str(ctx.tokenizer_dir), image_size=cfg.vision.image_size,
+                            image_seq_length=cfg.image_seq_length, max_len=d.seq_len, max_prompt_len=d.prompt_len,
+                            template=d.template)
+
+
+def dataset_for(ctx: Context, cfg, seed: int):
+    from rskd_jax.data import make_dataset  # noqa: PLC0415
+    d = ctx.config.data
+    shard, count = multihost.process_shard_info(ctx.mesh)
+    return make_dataset(ctx.train_source, transform_for(ctx, cfg), batch_size=d.batch_size // count, seed=seed,
+                        shard_index=shard, shard_count=count, skip_bad_records=d.skip_bad_records)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def sft_spec(cfg) -> S.StepSpec:
+    return S.StepSpec(weights=dict(sft=1.0), sampling=None, eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id,
+                      image_token_id=cfg.image_token_id)
+
+
+def _fit_common(ctx: Context):
+    c = ctx.config
+    return dict(mesh=ctx.mesh, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep_checkpoints,
+                max_nonfinite_in_a_row=c.max_nonfinite_in_a_row, num_workers=c.data.num_workers, config=c)
+
+
+def sft_stage(ctx: Context, name: str, mc, seed: int):
+    """Fine-tunes the model of config section `mc` (teacher or student) with cross-entropy on the answers."""
+    model = build_model(ctx, mc, seed)
+    if mc.sft_steps <= 0:
+        return model
+    optim = ctx.config.optim.copy_and_resolve_references()
+    optim.update(lr=mc.lr, total_steps=mc.sft_steps, warmup_steps=min(optim.warmup_steps, mc.sft_steps // 10))
+    res = loop.fit(workdir=ctx.workdir / name, model=model, teacher=None, spec=sft_spec(model.cfg),
+                   optim_cfg=optim, trainable=mc.get("trainable", "all+vision"), total_steps=mc.sft_steps,
+                   dataset=dataset_for(ctx, model.cfg, seed), seed=seed, name=name, **_fit_common(ctx))
+    if res.preempted:
+        raise SystemExit(0)
+    return res.model
+
+
+def distill_stage(ctx: Context, student, teacher):
+    c = ctx.config
+    spec = S.spec_from_config(c, student.cfg)
+    feat = spec.w("feat_image") + spec.w("feat_text") > 0
+    maps = S.feature_maps_for(spec.feature_layers if feat else (), student.cfg, teacher.cfg, nnx.Rngs(c.seed + 7),
+                              with_proj=spec.w("feat_proj") > 0)
+    if c.trainable == "lora":
+        from rskd_jax.models import LoRAConfig, apply_lora  # noqa: PLC0415
+        apply_lora(student, LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
+                                       targets=tuple(c.lora.targets)), rngs=nnx.Rngs(c.seed + 11))
+    res = loop.fit(workdir=ctx.workdir / "distill", model=student, teacher=teacher, spec=spec, optim_cfg=c.optim,
+                   trainable=c.trainable, total_steps=c.total_steps, dataset=dataset_for(ctx, student.cfg, c.seed + 2),
+                   seed=c.seed + 2, maps=maps, name="distill", **_fit_common(ctx))
+    if res.preempted:
+        raise SystemExit(0)
+    return res
+
+
+def copy_model(model):
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state))
+
+
+def run(config, workdir, stage: str = "auto"):
+    setup_logging()
+    multihost.initialize()
+    t0 = time.perf_counter()
+    ctx = prepare(config, workdir)
+    c = config
+    log.info("workdir %s, mesh %s, %d devices", ctx.workdir, dict(ctx.mesh.shape), jax.device_count())
+    teacher = sft_stage(ctx, "teacher", c.teacher, c.seed)
+    if stage == "teacher":
+        return None
+    student_before = sft_stage(ctx, "student_sft", c.student, c.seed + 1)
+    if stage == "student_sft":
+        return None
+    student_after = None
+    if stage in ("auto", "distill", "eval"):
+        res = distill_stage(ctx, copy_model(student_before), teacher)
+        student_after = res.model
+    if stage == "distill":
+        return None
+    report = None
+    if ctx.eval_source is not None and stage in ("auto", "eval"):
+        from rskd_jax.eval.demo import final_report  # noqa: PLC0415
+        report = final_report(ctx, teacher=teacher, before=student_before, after=student_after,
+                              distill_dir=ctx.workdir / "distill")
+    log.info("done in %.1f min; results in %s", (time.perf_counter() - t0) / 60, ctx.workdir)
+    return report
+
+
+def load_json(path):
+    return json.loads(pathlib.Path(path).read_text())
+
+
+def _np(x):
+    return np.asarray(jax.device_get(x))

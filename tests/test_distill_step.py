@@ -1,0 +1,161 @@
+"""The sharded distillation step: mesh == single device, frozen teacher, loss decreases, trainable subsets."""
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from rskd_jax.distill import rollout as R
+from rskd_jax.distill import step as S
+from rskd_jax.models import LlavaModel, get_preset
+from rskd_jax.parallel import mesh as M
+from rskd_jax.parallel import rules
+
+B, P, T = 8, 28, 36
+IMG = 127
+
+
+def configs():
+    t = get_preset("tiny")
+    s = t.replace(text=dataclasses.replace(t.text, hidden_size=32, intermediate_size=64, num_layers=2))
+    return t, s
+
+
+def make_batch(seed=0, image_seq=16):
+    rng = np.random.default_rng(seed)
+    prompt, pm = np.zeros((B, P), np.int32), np.zeros((B, P), np.int32)
+    ids, am, lm = (np.zeros((B, T), np.int32) for _ in range(3))
+    for b in range(B):
+        p = [1] + [IMG] * image_seq + list(rng.integers(3, 100, size=2 + b % 4))
+        a = list(rng.integers(3, 100, size=3 + b % 3)) + [2]
+        prompt[b, P - len(p):], pm[b, P - len(p):] = p, 1
+        s = p + a
+        ids[b, :len(s)], am[b, :len(s)], lm[b, len(p):len(s)] = s, 1, 1
+    return dict(pixel_values=rng.normal(size=(B, 32, 32, 3)).astype(np.float32), prompt_ids=prompt,
+                prompt_mask=pm, input_ids=ids, attention_mask=am, loss_mask=lm)
+
+
+def full_spec(**kw):
+    return S.StepSpec(weights=dict(rkl=1.0, pg=1.0, feat_image=0.5, feat_text=0.5, feat_proj=0.5, sft=0.5, fkl=0.5),
+                      sampling=R.SamplingConfig(max_new_tokens=5, alpha=0.2), feature_layers=((-1, -1), (1, 2)),
+                      eos_id=2, pad_id=0, image_token_id=IMG, chunk_size=4, **kw)
+
+
+def build(spec, trainable="all", mesh=None, lr=1e-3):
+    tcfg, scfg = configs()
+    teacher = LlavaModel(tcfg, rngs=nnx.Rngs(0))
+    student = LlavaModel(scfg, rngs=nnx.Rngs(1))
+    maps = S.feature_maps_for(spec.feature_layers, scfg, tcfg, nnx.Rngs(3), with_proj=spec.w("feat_proj") > 0)
+    ds = S.DistillStudent(student, maps)
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            rules.shard_model(ds, mesh)
+            rules.shard_model(teacher, mesh)
+    tx = S.make_optimizer(ml_collections.ConfigDict(dict(lr=lr, total_steps=100, warmup_steps=0,
+                                                         schedule="constant")))
+    init, step, parts = S.make_train_step(ds, teacher, spec, tx, trainable, mesh=mesh)
+    return init, step, parts
+
+
+def run_steps(n, spec, mesh=None, batch=None, trainable="all"):
+    init, step, parts = build(spec, trainable, mesh)
+    batch = make_batch() if batch is None else batch
+    ctx = jax.set_mesh(mesh) if mesh is not None else _null()
+    losses = []
+    with ctx:
+        state = init(parts["params"], jax.random.key(0))
+        for _ in range(n):
+            state, m = step(state, parts["frozen"], parts["teacher"], batch)
+            losses.append({k: float(v) for k, v in m.items()})
+    return state, losses, parts
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_mesh_step_equals_single_device():
+    spec = full_spec()
+    s1, l1, _ = run_steps(2, spec)
+    mesh = M.make_mesh((2, 2, 2))
+    s8, l8, parts8 = run_steps(2, spec, mesh=mesh)
+    for a, b in zip(l1, l8):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    p1, p8 = jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)
+    assert len(p1) == len(p8)
+    for x, y in zip(p1, p8):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)
+    # the trainable state really is distributed
+    specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(s8.params)}
+    assert any("tensor" in s or "fsdp" in s for s in specs), specs
+
+
+def test_teacher_frozen_and_loss_decreases():
+    spec = full_spec()
+    init, step, parts = build(spec, lr=3e-3)
+    teacher_before = jax.tree.map(lambda x: np.array(x), parts["teacher"])
+    batch = make_batch(1)
+    state = init(parts["params"], jax.random.key(0))
+    totals = []
+    for _ in range(12):
+        state, m = step(state, parts["frozen"], parts["teacher"], batch)
+        totals.append(float(m["loss/total"]))
+        assert float(m["skipped"]) == 0.0
+    after = jax.tree.map(np.asarray, parts["teacher"])
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(after)))
+    assert np.mean(totals[-3:]) < 0.8 * np.mean(totals[:3]), totals
+
+
+@pytest.mark.parametrize("trainable,expect", [("model/projector/.*", "projector"), ("lora", "lora")])
+def test_trainable_subsets(trainable, expect):
+    spec = S.StepSpec(weights=dict(sft=1.0), sampling=None, eos_id=2, pad_id=0, image_token_id=IMG)
+    tcfg, scfg = configs()
+    student = LlavaModel(scfg, rngs=nnx.Rngs(1))
+    if expect == "lora":
+        from rskd_jax.models import LoRAConfig, apply_lora
+        apply_lora(student, LoRAConfig(rank=4, alpha=8.0, dropout=0.0), rngs=nnx.Rngs(2))
+    ds = S.DistillStudent(student, {})
+    tx = S.make_optimizer(ml_collections.ConfigDict(dict(lr=1e-2, total_steps=10, warmup_steps=0,
+                                                         schedule="constant")))
+    init, step, parts = S.make_train_step(ds, None, spec, tx, trainable)
+    paths = ["/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(parts["params"])[0]]
+    assert paths and all(expect in p for p in paths), paths[:5]
+    frozen_before = [np.array(x) for x in jax.tree.leaves(parts["frozen"])]
+    params_before = [np.array(x) for x in jax.tree.leaves(parts["params"])]
+    state = init(parts["params"], jax.random.key(0))
+    new, m = step(state, parts["frozen"], None, make_batch(2))  # donates state (and so parts["params"])
+    moved = [not np.allclose(a, np.asarray(b)) for a, b in zip(params_before, jax.tree.leaves(new.params))]
+    assert any(moved)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(frozen_before, jax.tree.leaves(parts["frozen"])))
+
+
+def test_nonfinite_step_is_skipped():
+    spec = S.StepSpec(weights=dict(sft=1.0), sampling=None, eos_id=2, pad_id=0, image_token_id=IMG)
+    init, step, parts = build(spec)
+    batch = make_batch(3)
+    batch["pixel_values"][0, 0, 0, 0] = np.nan
+    state = init(parts["params"], jax.random.key(0))
+    before = [np.array(x) for x in jax.tree.leaves(state.params)]
+    state, m = step(state, parts["frozen"], parts["teacher"], batch)
+    assert float(m["skipped"]) == 1.0
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree.leaves(state.params)))
+
+
+def test_grad_accumulation_matches_full_batch_for_equal_token_counts():
+    spec1 = S.StepSpec(weights=dict(sft=1.0), sampling=None, eos_id=2, pad_id=0, image_token_id=IMG)
+    spec2 = dataclasses.replace(spec1, grad_accum=2)
+    batch = make_batch(4)
+    # equal answer-token counts per micro-batch so the token means agree: copy the first half into the second
+    for k in batch:
+        batch[k][B // 2:] = batch[k][:B // 2]
+    _, la, _ = run_steps(1, spec1, batch=batch)
+    _, lb, _ = run_steps(1, spec2, batch=batch)
+    assert abs(la[0]["loss/sft"] - lb[0]["loss/sft"]) < 1e-5
+    assert abs(la[0]["grad_norm"] - lb[0]["grad_norm"]) < 1e-4 * la[0]["grad_norm"]
