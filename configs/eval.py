@@ -2,7 +2,8 @@ r"""Evaluation configs (big_vision style): one preset per task, `all`, `synth` (
 
     python launch/eval.py --config configs/eval.py:scene --config.checkpoint=/ckpt/geochat7b \
         --config.data_dir=/data/UCMerced_LandUse/Images            # or AID/, or GeoChat-Bench UCmerced.jsonl
-    python launch/eval.py --config configs/eval.py:vqa --config.checkpoint=... --config.data_dir=/data/RSVQA_LR
+    python launch/eval.py --config configs/eval.py:vqa --config.checkpoint=... \
+        --config.data_dir=/data/RSVQA_LR
     python launch/eval.py --config configs/eval.py:grounding --config.checkpoint=... \
         --config.data_dir=/data/GeoChat-Bench/referring.jsonl --config.image_root=/data/GeoChat_images
     python launch/eval.py --config configs/eval.py:caption --config.checkpoint=... \
@@ -11,15 +12,18 @@ r"""Evaluation configs (big_vision style): one preset per task, `all`, `synth` (
     python launch/eval.py --config configs/eval.py:synth --config.limit=32     # random tiny model, seconds
     python launch/eval.py --config configs/eval.py:params                      # paper Table 8, no weights
 
-data_dir per preset: scene = a folder of class folders (UCMerced_LandUse[/Images], AID) or a GeoChat-Bench scene
-jsonl; vqa = an RSVQA folder (`{rsvqa_prefix}_split_{vqa_split}_*.json`, LR: prefix LR / split test, HR: prefix
-USGS / split test_phili) or a GeoChat-Bench VQA jsonl (then `rsvqa_dir` supplies the answers); grounding =
-GeoChat-Bench referring.jsonl; caption = region_captioning.jsonl or a captions jsonl (ucm_captions.jsonl);
-all = a folder with any of UCMerced_LandUse/, AID/, RSVQA_LR/, RSVQA_HR/, referring.jsonl,
-region_captioning.jsonl, ucm_captions.jsonl. `image_root`: images of jsonl files (default: next to the file).
-checkpoint: our converted model directory (rskd_jax.load_pretrained) or a transformers Llava directory;
-tokenizer defaults to the checkpoint directory.
+data_dir per preset:
+* scene: a folder of class folders (UCMerced_LandUse[/Images], AID) or a GeoChat-Bench scene jsonl;
+* vqa: an RSVQA folder (`{rsvqa_prefix}_split_{vqa_split}_*.json`; LR: prefix LR, split test; HR: prefix USGS,
+  split test_phili) or a GeoChat-Bench VQA jsonl (then `rsvqa_dir` supplies the answers);
+* grounding: GeoChat-Bench referring.jsonl;
+* caption: GeoChat-Bench region_captioning.jsonl or a captions jsonl (ucm_captions.jsonl);
+* all: a folder with any of UCMerced_LandUse/, AID/, RSVQA_LR/, RSVQA_HR/, referring.jsonl,
+  region_captioning.jsonl, ucm_captions.jsonl.
+`image_root`: images of jsonl files (default: next to the file). checkpoint: our converted model directory or
+anything `rskd_jax.load_pretrained` reads (e.g. a transformers Llava directory); tokenizer defaults to it.
 """
+
 import ml_collections
 
 from configs.common import parse_arg

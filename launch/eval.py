@@ -7,6 +7,7 @@ r"""Evaluate a model on the paper's tasks (or print the parameter / FLOPs table)
 Writes metrics.json, metrics.md (the paper's table layout), predictions/*.jsonl and the PNGs into out_dir.
 All logic lives in rskd_jax.eval.runner.run_eval (importable, tested); this file only parses flags.
 """
+
 import os
 import sys
 
@@ -16,8 +17,12 @@ sys.path.insert(0, _ROOT)
 from absl import app, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "eval.py"),
-                                          "Config file[:preset,key=value,...].", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(_ROOT, "configs", "eval.py"),
+    "Config file[:preset,key=value,...].",
+    lock_config=True,
+)
 
 
 def main(argv):

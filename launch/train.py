@@ -17,6 +17,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, report). "
                                "Default: runs/<preset>.")
+_COORD = flags.DEFINE_string("coordinator", None, "Multi-process without a cluster manager: host:port of process 0 "
+                              "(with --num_processes and --process_id). TPU pods are detected automatically.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
 _STAGE = flags.DEFINE_enum("stage", "auto", ["auto", "teacher", "student_sft", "distill", "eval"],
                            "Run one stage only (auto = everything the config asks for, resuming what is done).")
 
@@ -28,7 +32,8 @@ def main(argv):
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.get("preset", "run"))
-    run(config, workdir, stage=_STAGE.value)
+    run(config, workdir, stage=_STAGE.value, coordinator=_COORD.value, num_processes=_NPROC.value,
+        process_id=_PID.value)
 
 
 def run_cli():

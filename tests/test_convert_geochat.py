@@ -158,9 +158,12 @@ def test_vision_tower_dir_and_parts_give_the_same_checkpoint(setup):
 
 
 def test_geochat_defaults_and_inspect(setup):
-    d, src, *_ = setup
+    d, src, sd, *_ = setup
     info = inspect_path(src)
     assert info["format"] == "geochat" and info["config"]["vision"]["image_size"] == 504  # GeoChat default
     assert info["config"]["vision"]["num_heads"] == 2 and info["config"]["projector_type"] == "mlp2x_gelu"
     assert any("inv_freq" in x for x in info["ignored"])
-    assert set(info["params"]) == {"vision", "projector", "llm", "unmapped", "total"}  # unmapped: inv_freq
+    count = lambda prefix: sum(v.numel() for k, v in sd.items() if k.startswith(prefix))
+    assert info["buffers"] == 2 and info["params"] == {
+        "vision": count("model.vision_tower."), "projector": count("model.multi_modal_projector."),
+        "llm": count("model.language_model.") + count("lm_head."), "total": sum(v.numel() for v in sd.values())}

@@ -31,7 +31,9 @@ MASK = (np.arange(6)[None] >= np.array([0, 2, 1])[:, None]).astype(np.int64)
 
 
 def hf_model(seed):
-    return randomize_(transformers.LlavaForConditionalGeneration(from_torch.hf_llava_config(CFG)).eval(), seed)
+    return randomize_(
+        transformers.LlavaForConditionalGeneration(from_torch.hf_llava_config(CFG)).eval(), seed
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,12 @@ def hf_next_probs(hf, ids, mask):
     """Next-token distribution after each row (image token suppressed, renormalised), float64."""
     with torch.no_grad():
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-        logits = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(pos)).logits[:, -1].double().numpy()
+        logits = (
+            hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+            .logits[:, -1]
+            .double()
+            .numpy()
+        )
     logits[:, CFG.image_token_id] = -np.inf
     p = np.exp(logits - logits.max(1, keepdims=True))
     return p / p.sum(1, keepdims=True)
@@ -73,8 +79,9 @@ def np_process(logits, temperature, top_k, top_p):
     return z
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.7), (0.7, 5, 1.0), (1.3, 12, 0.8),
-                                                     (1.0, 3, 0.95), (0.5, 0, 0.3)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 0.7), (0.7, 5, 1.0), (1.3, 12, 0.8), (1.0, 3, 0.95), (0.5, 0, 0.3)]
+)
 def test_process_logits_matches_hf_warpers_and_numpy(temperature, top_k, top_p):
     logits = np.random.default_rng(top_k).normal(size=(6, 40)).astype(np.float32) * 2
     ours = np.asarray(rollout.process_logits(jnp.asarray(logits), temperature, top_k, top_p))
@@ -91,6 +98,16 @@ def test_process_logits_matches_hf_warpers_and_numpy(temperature, top_k, top_p):
         np.testing.assert_allclose(ours[np.isfinite(ours)], other[np.isfinite(other)], rtol=1e-6)
     kept = np.isfinite(ours).sum(1)
     assert kept.min() >= 1 and kept.max() < 40  # the filters did something, and never everything
+
+
+def test_top_p_boundary_follows_hf():
+    """Exact ties with the threshold: 4 equal tokens (p = 0.25 each) and top_p = 0.5 keep 2, not 3 (HF removes
+    a token once the tokens before it already reach top_p)."""
+    logits = np.zeros((1, 4), np.float32)
+    ours = np.asarray(rollout.process_logits(jnp.asarray(logits), 1.0, 0, 0.5))
+    ref = hf_lp.TopPLogitsWarper(0.5)(None, torch.tensor(logits)).numpy()
+    assert np.isfinite(ours).sum() == np.isfinite(ref).sum() == 2
+    assert np.isfinite(np.asarray(rollout.process_logits(jnp.asarray(logits), 1.0, 0, 0.0))).sum() == 1
 
 
 # ----------------------------------------------------------------------------------- first-step distribution
@@ -117,7 +134,8 @@ def test_first_step_matches_mixture(models, alpha):
     mask = np.repeat(MASK[row : row + 1], n, 0)
     cfg = rollout.SamplingConfig(max_new_tokens=1, alpha=alpha)
     r = nnx.jit(lambda s, t, i, m, k: rollout.sample(s, t, i, m, k, cfg, eos_id=-1, pad_id=PAD))(
-        student, teacher, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(7))
+        student, teacher, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(7)
+    )
     tok = np.asarray(r.tokens[:, 0])
     q = hf_next_probs(hf_s, PROMPTS[row : row + 1], MASK[row : row + 1])[0]
     p = hf_next_probs(hf_t, PROMPTS[row : row + 1], MASK[row : row + 1])[0]
@@ -142,9 +160,15 @@ def test_greedy_matches_hf_generate_and_eos_stops_rows(models):
     run = nnx.jit(lambda m, i, a, eos: rollout.greedy_generate(m, i, a, steps, eos_id=eos, pad_id=PAD))
     full = run(student, jnp.asarray(PROMPTS), jnp.asarray(MASK), jnp.int32(-1))  # no EOS: all 8 steps
     with torch.no_grad():
-        ref = hf_s.generate(input_ids=torch.tensor(PROMPTS), attention_mask=torch.tensor(MASK),
-                            max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=PAD,
-                            suppress_tokens=[CFG.image_token_id])[:, PROMPTS.shape[1]:].numpy()
+        ref = hf_s.generate(
+            input_ids=torch.tensor(PROMPTS),
+            attention_mask=torch.tensor(MASK),
+            max_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=PAD,
+            suppress_tokens=[CFG.image_token_id],
+        )[:, PROMPTS.shape[1] :].numpy()
     np.testing.assert_array_equal(np.asarray(full.tokens), ref)
     assert (np.asarray(full.lengths) == steps).all()
 
@@ -164,7 +188,9 @@ def test_greedy_matches_hf_generate_and_eos_stops_rows(models):
     assert lens[0] <= 4
     np.testing.assert_array_equal(np.asarray(r.tokens), want)
     np.testing.assert_array_equal(np.asarray(r.lengths), lens)
-    np.testing.assert_array_equal(np.asarray(r.mask), (np.arange(steps)[None] < lens[:, None]).astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(r.mask), (np.arange(steps)[None] < lens[:, None]).astype(np.float32)
+    )
     # Every row done at step 0 (row 1's prompt three times): the loop exits at once, all pads after.
     same, same_mask = np.stack([PROMPTS[1]] * 3), np.stack([MASK[1]] * 3)
     r0 = run(student, jnp.asarray(same), jnp.asarray(same_mask), jnp.int32(int(ref[1, 0])))
@@ -178,10 +204,14 @@ def test_mixed_sampling_with_filters_stays_finite_and_pads_after_eos(models):
     hf_s, hf_t, student, teacher = models
     n, steps = 64, 6
     cfg = rollout.SamplingConfig(max_new_tokens=steps, alpha=0.5, top_k=3, temperature=0.8)
-    ids, mask = np.tile(PROMPTS, (n // 3 + 1, 1))[:n], np.tile(MASK, (n // 3 + 1, 1))[:n]  # rows cycle 0, 1, 2
+    ids, mask = (
+        np.tile(PROMPTS, (n // 3 + 1, 1))[:n],
+        np.tile(MASK, (n // 3 + 1, 1))[:n],
+    )  # rows cycle 0, 1, 2
     eos = 9
     r = nnx.jit(lambda s, t, i, m, k: rollout.sample(s, t, i, m, k, cfg, eos_id=eos, pad_id=PAD))(
-        student, teacher, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(1))
+        student, teacher, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(1)
+    )
     tok, m = np.asarray(r.tokens), np.asarray(r.mask)
     for a in (r.student_logprobs, r.teacher_logprobs, r.weights):
         a = np.asarray(a)

@@ -22,7 +22,7 @@ import numpy as np
 
 from rskd_jax.convert import ckpt, hfconfig, keymap
 from rskd_jax.convert.errors import ConversionError
-from rskd_jax.convert.files import SafetensorsWriter, TensorInfo, drop_pages, parse_size
+from rskd_jax.convert.files import SafetensorsWriter, TensorInfo, drop_pages, parse_size, release_memory
 from rskd_jax.convert.importer import DTYPES, IMAGE_TOKEN, _pick_dtype, check_destination, commit, temp_dir_for
 from rskd_jax.convert.sources import TOKENIZER_FILES
 from rskd_jax.models.lora import LoRAConfig
@@ -184,6 +184,7 @@ def _export(cfg: LlavaConfig, params, dst, *, tokenizer_dir, dtype, max_shard_si
                     _write_tensor(o, params, view)
                     drop_pages(view)
                     del view
+                    release_memory()
                     bar.update()
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(o.info.nbytes for o in outs)},

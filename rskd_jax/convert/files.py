@@ -7,6 +7,8 @@ released when the view is dropped), so host memory holds at most the tensors bei
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import mmap
@@ -307,3 +309,21 @@ def drop_pages(view: np.ndarray) -> None:
         mm.flush()
         if hasattr(mm, "madvise"):
             mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _libc():
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_memory() -> None:
+    """Returns freed heap memory to the OS (glibc keeps it otherwise: tensorstore's worker threads free
+    chunk buffers into per-thread arenas, which would make the resident set grow with the model size)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

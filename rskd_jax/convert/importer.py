@@ -21,7 +21,7 @@ import numpy as np
 
 from rskd_jax.convert import ckpt, keymap
 from rskd_jax.convert.errors import ConversionError, listing
-from rskd_jax.convert.files import Reader, TensorRef
+from rskd_jax.convert.files import Reader, TensorRef, release_memory
 from rskd_jax.convert.lora import LoraAdapter, open_lora
 from rskd_jax.convert.sources import Source, open_source
 from rskd_jax.models.clip_vit import interpolate_pos_table
@@ -226,6 +226,7 @@ def execute(plan: Plan, sink, *, progress: bool = True, desc: str = "convert") -
                 sink.write(it.entry.param, it.entry.layer, rows, block.astype(spec.dtype, copy=False))
                 del block
             del w
+            release_memory()
             bar.update()
     reader.release()
     sink.finish()

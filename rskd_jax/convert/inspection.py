@@ -13,7 +13,7 @@ import numpy as np
 from rskd_jax.convert import ckpt, hfconfig
 from rskd_jax.convert.errors import ConversionError
 from rskd_jax.convert.files import WeightSet
-from rskd_jax.convert.keymap import LM_HEAD, LLM, PROJECTOR, VISION, canonical_key
+from rskd_jax.convert.keymap import IGNORED, LLM, LM_HEAD, PROJECTOR, VISION, canonical_key
 from rskd_jax.convert.lora import ADAPTER_FILES
 from rskd_jax.convert.sources import detect_format, open_source
 
@@ -64,9 +64,11 @@ def inspect_path(path: str | pathlib.Path) -> dict:
     config = hfconfig.read_json(path / "config.json") if (path / "config.json").is_file() else {}
     fmt = detect_format(path, config, list(ws.refs))
     layout = {"hf-llava": "hf-llava", "llava": "llava", "geochat": "llava", "llama": "llama"}[fmt]
-    items = [(_component(canonical_key(k, layout)), r.info.shape, r.info.dtype.name) for k, r in ws.refs.items()]
+    buffers = [k for k in ws.refs if IGNORED.search(k)]
+    items = [(_component(canonical_key(k, layout)), r.info.shape, r.info.dtype.name)
+             for k, r in ws.refs.items() if not IGNORED.search(k)]
     out = {"path": str(path), "format": fmt, "files": [f.name for f in ws.files], "tensors": len(items),
-           "bytes": ws.nbytes, **_summary(items)}
+           "buffers": len(buffers), "bytes": ws.nbytes, **_summary(items)}
     if fmt != "llama":
         try:
             src = open_source(path, fmt)

@@ -48,7 +48,9 @@ def open_lora(path: str | pathlib.Path, layout: str) -> LoraAdapter:
         f"{k}={c[k]!r}"
         for k, ok in (("peft_type", lambda v: v in (None, "LORA")), ("use_dora", lambda v: not v),
                       ("rank_pattern", lambda v: not v), ("alpha_pattern", lambda v: not v),
-                      ("fan_in_fan_out", lambda v: not v))
+                      ("fan_in_fan_out", lambda v: not v), ("lora_bias", lambda v: not v),
+                      ("layer_replication", lambda v: not v), ("target_parameters", lambda v: not v),
+                      ("trainable_token_indices", lambda v: not v))
         if k in c and not ok(c[k])
     ]
     if unsupported:

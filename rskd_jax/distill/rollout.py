@@ -1,24 +1,26 @@
 """Teacher-mixed sampling (MiniLLM, paper Eq. 4) as one compiled loop, and greedy decoding for evaluation.
 
 Student and teacher each keep their own KV cache over the same image + prompt. At every step the next token is
-drawn from the token-level mixture  p~ = alpha * p_teacher + (1 - alpha) * q_student  in probability space, after
-temperature / top-k / top-p are applied to both distributions (as MiniLLM's patched `generate` does). alpha = 0 is
-plain on-policy sampling; `greedy=True` takes the argmax of the mixture (alpha = 0: the student's greedy decode).
+drawn from the token-level mixture  p~ = alpha * p_teacher + (1 - alpha) * q_student  in probability space,
+after temperature / top-k / top-p are applied to both distributions (as MiniLLM's patched `generate` does).
+alpha = 0 is plain on-policy sampling; `greedy=True` takes the argmax of the mixture (alpha = 0: the student's
+greedy decode, the argmax of its logits, as transformers' greedy search).
 
-Everything here runs inside `jax.jit`: prefill, then a `lax.while_loop` over new tokens that stops as soon as every
-row has emitted EOS (no Python per token).
+Everything here runs inside `jax.jit`: prefill, then a `lax.while_loop` over new tokens that stops as soon as
+every row has emitted EOS (no Python per token).
 
-The image placeholder id (`model.cfg.image_token_id`) is never generated when it lies inside the vocabulary: fed
-back, the model would treat it as an image slot, not as text (transformers' `generate(suppress_tokens=[id])`
-does the same). Its logit is set to -inf in both models before temperature / top-k / top-p.
+The image placeholder id (`model.cfg.image_token_id`) is never generated when it lies inside the vocabulary:
+fed back, the model would treat it as an image slot, not as text (transformers'
+`generate(suppress_tokens=[id])` does the same). Its logit is set to -inf in both models before temperature /
+top-k / top-p.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import flax
 import jax
 import jax.numpy as jnp
-import flax
 
 
 @flax.struct.dataclass
@@ -27,7 +29,7 @@ class Rollout:
 
     tokens: jax.Array  # int32; pad after the first EOS
     mask: jax.Array  # float32; 1 for generated tokens up to and including the first EOS
-    student_logprobs: jax.Array  # log q(y_t) under the processed (temperature/top-k/top-p) student distribution
+    student_logprobs: jax.Array  # log q(y_t) under the processed (temperature/top-k/top-p) student distr.
     teacher_logprobs: jax.Array  # log p(y_t) under the processed teacher distribution (0 when no teacher)
     weights: jax.Array  # importance weights q / (alpha p + (1 - alpha) q) on the sampled tokens
     lengths: jax.Array  # int32 [B]: number of valid tokens (including EOS)
@@ -62,8 +64,8 @@ def process_logits(logits: jax.Array, temperature: float, top_k: int, top_p: flo
 
 
 def _next_logits(model, ids, mask, cache, pixel_values=None, vision_features=None):
-    """Runs `model` on `ids` with `cache` and returns the logits of the last position [B, V] (image placeholder
-    suppressed) and the new cache."""
+    """Runs `model` on `ids` with `cache`: (logits of the last position [B, V], image placeholder suppressed;
+    the new cache)."""
     last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
     out = model(ids, pixel_values, attention_mask=mask, cache=cache, vision_features=vision_features,
                 logits_at=last)
@@ -132,9 +134,11 @@ def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, 
         vf = valid.astype(jnp.float32)
         tokens = upd(c["tokens"], jnp.where(valid, tok, pad_id))
         # where, not multiply: a finished row's (unused) draw may have log q = -inf (outside the student's
-        # top-k / top-p set when alpha > 0), and -inf * 0 is NaN.
+        # top-k / top-p set when alpha > 0), and -inf * 0 is NaN in IEEE arithmetic (XLA currently rewrites
+        # x * convert(pred) into a select, which hides it; that is an optimisation, not a guarantee).
         out = dict(c, t=t + 1, rng=rng, tokens=tokens, mask=upd(c["mask"], vf),
-                   s_lp=upd(c["s_lp"], jnp.where(valid, lq, 0.0)), t_lp=upd(c["t_lp"], jnp.where(valid, lp_, 0.0)),
+                   s_lp=upd(c["s_lp"], jnp.where(valid, lq, 0.0)),
+                   t_lp=upd(c["t_lp"], jnp.where(valid, lp_, 0.0)),
                    w=upd(c["w"], jnp.where(valid, jnp.exp(lq - lm), 0.0)),
                    done=c["done"] | (valid & (tok == eos_id)))
         feed = jnp.where(valid, tok, pad_id)[:, None]

@@ -6,7 +6,8 @@ all batches (masked token means, `rskd_jax.distill.losses` conventions; natural 
 * `rkl_sampled`: the exact token-level reverse KL  KL(q || p)_t = sum_v q(v | y_<t) log(q / p) at every
   position of responses SAMPLED FROM THE STUDENT (alpha = 0, temperature 1, no top-k/top-p:
   `rollout.sample`), both distributions from a teacher-forced forward of each model over prompt + response.
-  Its expectation over the student's own sequences is MiniLLM's sequence-level objective KL(q || p) (per token).
+  Its expectation over the student's own sequences is MiniLLM's sequence-level objective KL(q || p), per
+  token.
 * `fkl_gt`, `rkl_gt`: forward KL(p || q) and reverse KL(q || p) on the ground-truth answer tokens
   (teacher-forced on `input_ids`, positions where `loss_mask` marks the next token as a target).
 
@@ -31,8 +32,17 @@ from rskd_jax.distill.rollout import SamplingConfig, sample
 
 def _sampled_terms(student, teacher, prompt_ids, prompt_mask, pixel_values, rng, cfg, eos_id, pad_id):
     """Sample from the student; per-token reverse KL at the response positions -> (rkl [B,R], rollout)."""
-    r = sample(student, None, prompt_ids, prompt_mask, rng, cfg, eos_id=eos_id, pad_id=pad_id,
-               pixel_values=pixel_values)
+    r = sample(
+        student,
+        None,
+        prompt_ids,
+        prompt_mask,
+        rng,
+        cfg,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        pixel_values=pixel_values,
+    )
     plen = prompt_ids.shape[1]
     ids = jnp.concatenate([prompt_ids, r.tokens], 1)
     mask = jnp.concatenate([prompt_mask, r.mask.astype(prompt_mask.dtype)], 1)
@@ -56,9 +66,18 @@ def _gt_terms(student, teacher, input_ids, attention_mask, loss_mask, pixel_valu
     return fkl, rkl, valid, target.sum(1)
 
 
-def divergence_to_teacher(student, teacher, batches: Iterable, *, max_new_tokens: int, seed: int = 0,
-                          eos_id: int | None = None, pad_id: int | None = None, answer_len: int | None = None,
-                          return_samples: bool = False) -> dict:
+def divergence_to_teacher(
+    student,
+    teacher,
+    batches: Iterable,
+    *,
+    max_new_tokens: int,
+    seed: int = 0,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    answer_len: int | None = None,
+    return_samples: bool = False,
+) -> dict:
     """Token-weighted divergences of `student` from `teacher` over `batches` (see the module doc).
 
     batches: dicts of the batch contract (or `(batch, records)` pairs from `data.eval_batches`); they need
@@ -83,8 +102,12 @@ def divergence_to_teacher(student, teacher, batches: Iterable, *, max_new_tokens
     def ground_truth(s, t, ids, am, lm, px, w):
         fkl, rkl, valid, n_target = _gt_terms(s, t, ids, am, lm, px, answer_len)
         m = valid * w[:, None]
-        return (jnp.sum(jnp.where(m > 0, fkl, 0.0)), jnp.sum(jnp.where(m > 0, rkl, 0.0)), m.sum(),
-                jnp.sum(n_target * w))
+        return (
+            jnp.sum(jnp.where(m > 0, fkl, 0.0)),
+            jnp.sum(jnp.where(m > 0, rkl, 0.0)),
+            m.sum(),
+            jnp.sum(n_target * w),
+        )
 
     acc = dict(rkl=0.0, n=0.0, ended=0.0, rows=0.0, fkl_gt=0.0, rkl_gt=0.0, n_gt=0.0, targets=0.0)
     samples = []
@@ -92,12 +115,19 @@ def divergence_to_teacher(student, teacher, batches: Iterable, *, max_new_tokens
     for b, item in enumerate(batches):
         batch = item[0] if isinstance(item, tuple) else item
         rows = np.asarray(batch["prompt_ids"]).shape[0]
-        w = (np.asarray(batch["example_id"]) >= 0 if "example_id" in batch else np.ones(rows, bool))
+        w = np.asarray(batch["example_id"]) >= 0 if "example_id" in batch else np.ones(rows, bool)
         w = w.astype(np.float32)
         px = batch.get("pixel_values")
         px = None if px is None else jnp.asarray(px, jnp.float32)
-        out = sampled(student, teacher, jnp.asarray(batch["prompt_ids"], jnp.int32),
-                      jnp.asarray(batch["prompt_mask"], jnp.int32), px, jax.random.fold_in(key, b), jnp.asarray(w))
+        out = sampled(
+            student,
+            teacher,
+            jnp.asarray(batch["prompt_ids"], jnp.int32),
+            jnp.asarray(batch["prompt_mask"], jnp.int32),
+            px,
+            jax.random.fold_in(key, b),
+            jnp.asarray(w),
+        )
         acc["rkl"] += float(out[0])
         acc["n"] += float(out[1])
         acc["ended"] += float(out[2])
@@ -105,9 +135,15 @@ def divergence_to_teacher(student, teacher, batches: Iterable, *, max_new_tokens
         if return_samples:
             samples.append((np.asarray(out[3]), np.asarray(out[4])))
         if "input_ids" in batch and "loss_mask" in batch:
-            g = ground_truth(student, teacher, jnp.asarray(batch["input_ids"], jnp.int32),
-                             jnp.asarray(batch["attention_mask"], jnp.int32),
-                             jnp.asarray(batch["loss_mask"], jnp.int32), px, jnp.asarray(w))
+            g = ground_truth(
+                student,
+                teacher,
+                jnp.asarray(batch["input_ids"], jnp.int32),
+                jnp.asarray(batch["attention_mask"], jnp.int32),
+                jnp.asarray(batch["loss_mask"], jnp.int32),
+                px,
+                jnp.asarray(w),
+            )
             acc["fkl_gt"] += float(g[0])
             acc["rkl_gt"] += float(g[1])
             acc["n_gt"] += float(g[2])
@@ -123,8 +159,12 @@ def divergence_to_teacher(student, teacher, batches: Iterable, *, max_new_tokens
         max_new_tokens=int(max_new_tokens),
     )
     if acc["targets"]:
-        res.update(fkl_gt=acc["fkl_gt"] / max(acc["n_gt"], 1.0), rkl_gt=acc["rkl_gt"] / max(acc["n_gt"], 1.0),
-                   n_gt_tokens=int(acc["n_gt"]), gt_tokens_dropped=int(acc["targets"] - acc["n_gt"]))
+        res.update(
+            fkl_gt=acc["fkl_gt"] / max(acc["n_gt"], 1.0),
+            rkl_gt=acc["rkl_gt"] / max(acc["n_gt"], 1.0),
+            n_gt_tokens=int(acc["n_gt"]),
+            gt_tokens_dropped=int(acc["targets"] - acc["n_gt"]),
+        )
     if return_samples:
         res["samples"] = samples
     return res

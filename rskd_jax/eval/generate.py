@@ -1,11 +1,11 @@
 """Batched greedy generation for evaluation: jitted decode loop (KV cache) + text decoding.
 
 The loop is `rskd_jax.distill.rollout.greedy_generate` (prefill + `lax.while_loop`, stops when every row has
-emitted EOS). Shapes are fixed so XLA compiles few programs: every call runs `batch_size` rows (short batches
-are padded by repeating the last row) and the left-padded prompt is cut to the shortest *bucket* that holds the
-batch's longest prompt (`bucket` multiples, capped at the prompt width), so one compile per (bucket) serves a
-whole dataset. The model is passed to the jitted function at every call, so a model trained in place between
-calls (periodic evaluation) is always the current one.
+emitted EOS). Shapes are fixed so XLA compiles few programs: every call runs `batch_size` rows (short
+batches are padded by repeating the last row) and the left-padded prompt is cut to the shortest *bucket* that
+holds the batch's longest prompt (`bucket` multiples, capped at the prompt width), so one compile per bucket
+serves a whole dataset. The model is passed to the jitted function at every call, so a model trained in place
+between calls (periodic evaluation) is always the current one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ EOS_TEXT = "</s>"
 def load_tokenizer_any(tokenizer):
     """A loaded HF tokenizer from a directory path (with `<image>` added), or the tokenizer itself."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        from rskd_jax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+        from rskd_jax.data.tokenizer import load_tokenizer
 
         return load_tokenizer(tokenizer)
     return tokenizer
@@ -46,8 +46,17 @@ class Generator:
     bucket: prompt widths are rounded up to a multiple of this (None = always the full width).
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int, *, bucket: int | None = 64,
-                 eos_id: int | None = None, pad_id: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_new_tokens: int,
+        batch_size: int,
+        *,
+        bucket: int | None = 64,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+    ):
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be >= 1")
         self.model = model
@@ -69,7 +78,7 @@ class Generator:
         self.compiled_shapes: set[tuple[int, int]] = set()  # (batch, prompt width) of each compile
 
     def width(self, prompt_mask: np.ndarray) -> int:
-        """Prompt width used for a batch: its longest prompt rounded up to the bucket, at most the full width."""
+        """Prompt width for a batch: its longest prompt rounded up to the bucket, at most the full width."""
         full = prompt_mask.shape[1]
         need = max(int(np.asarray(prompt_mask).sum(1).max()), 1)
         if not self.bucket:
@@ -77,13 +86,17 @@ class Generator:
         return min(full, -(-need // self.bucket) * self.bucket)
 
     def generate_ids(self, prompt_ids, prompt_mask, pixel_values=None) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens int32 [n, max_new_tokens] padded after EOS, lengths [n] incl. EOS) for LEFT-padded prompts."""
+        """(tokens int32 [n, max_new_tokens] padded after EOS, lengths [n] incl. EOS), LEFT-padded prompts."""
         prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
         if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
-            raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape}: need equal [B, P]")
+            raise ValueError(
+                f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape}: need equal [B, P]"
+            )
         if (np.diff(prompt_mask.astype(np.int8), axis=1) < 0).any():
-            raise ValueError("prompt_mask is not left-padded (a pad after a real token); the batch contract "
-                             "gives left-padded prompt_ids / prompt_mask")
+            raise ValueError(
+                "prompt_mask is not left-padded (a pad after a real token); the batch contract "
+                "gives left-padded prompt_ids / prompt_mask"
+            )
         n = prompt_ids.shape[0]
         toks, lens = [], []
         for s in range(0, n, self.batch_size):

@@ -1,7 +1,7 @@
 """Task evaluation over datasets: generate answers with a model, score them per task, write reports.
 
-`evaluate(model, tokenizer, {name: source}, ...)` runs greedy generation (`generate.Generator`) over every record
-whose task is asked for, then dispatches per record `task`:
+`evaluate(model, tokenizer, {name: source}, ...)` runs greedy generation (`generate.Generator`) over every
+record whose task is asked for, then dispatches per record `task`:
 
     scene                 -> metrics.scene_scores (classes of the source) + confusion-matrix PNG
     vqa                   -> metrics.vqa_scores (per type, mOA pooled and mean of types)
@@ -31,10 +31,22 @@ log = logging.getLogger("rskd_jax.eval")
 
 # Record task -> scored group; `tasks` may name groups or record tasks ("grounding" selects refer + grounding,
 # "caption" selects region_caption + caption).
-TASK_GROUP = {"scene": "scene", "vqa": "vqa", "refer": "grounding", "grounding": "grounding",
-              "region_caption": "region_caption", "caption": "caption"}
-SELECTORS = {"scene": {"scene"}, "vqa": {"vqa"}, "grounding": {"refer", "grounding"}, "refer": {"refer"},
-             "region_caption": {"region_caption"}, "caption": {"region_caption", "caption"}}
+TASK_GROUP = {
+    "scene": "scene",
+    "vqa": "vqa",
+    "refer": "grounding",
+    "grounding": "grounding",
+    "region_caption": "region_caption",
+    "caption": "caption",
+}
+SELECTORS = {
+    "scene": {"scene"},
+    "vqa": {"vqa"},
+    "grounding": {"refer", "grounding"},
+    "refer": {"refer"},
+    "region_caption": {"region_caption"},
+    "caption": {"region_caption", "caption"},
+}
 ALL_TASKS = ("scene", "vqa", "grounding", "caption")
 
 
@@ -106,8 +118,10 @@ def scene_classes(source, records: Sequence[dict]) -> list[str]:
         return list(m["classes"])
     found = re.search(r"Classes:\s*(.*?)\s*\.\s*(?:\n|$)", _question(records[0]), re.S)
     if not found:
-        raise ValueError(f"{getattr(source, 'name', source)}: cannot find the class list of the scene records "
-                         "(no source.class_names, meta.classes or 'Classes: ...' in the prompt)")
+        raise ValueError(
+            f"{getattr(source, 'name', source)}: cannot find the class list of the scene records "
+            "(no source.class_names, meta.classes or 'Classes: ...' in the prompt)"
+        )
     return [c.strip() for c in found.group(1).split(",") if c.strip()]
 
 
@@ -131,7 +145,9 @@ def _grounding_gt(record: dict) -> list:
         return list(m["ground_truth"])
     if m.get("boxes"):
         return list(m["boxes"])
-    raise ValueError(f"grounding record {record.get('id')}: no ground-truth boxes (meta.objects/ground_truth)")
+    raise ValueError(
+        f"grounding record {record.get('id')}: no ground-truth boxes (meta.objects/ground_truth)"
+    )
 
 
 def _caption_refs(record: dict) -> list[str]:
@@ -148,25 +164,40 @@ def _file_stem(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_")
 
 
-def score(group: str, preds: Sequence[str], records: Sequence[dict], source, *, meteor: bool = True,
-          strict: bool = False, rotated: bool = True, figure_dir: pathlib.Path | None = None, key: str = "",
-          num_plot: int = 8) -> dict:
+def score(
+    group: str,
+    preds: Sequence[str],
+    records: Sequence[dict],
+    source,
+    *,
+    meteor: bool = True,
+    strict: bool = False,
+    rotated: bool = True,
+    figure_dir: pathlib.Path | None = None,
+    key: str = "",
+    num_plot: int = 8,
+) -> dict:
     """Metrics of one task group (see the module doc); writes its PNG into `figure_dir` when given."""
-    from rskd_jax.eval import metrics, plots  # pylint: disable=g-import-not-at-top
+    from rskd_jax.eval import metrics, plots
 
     stem = _file_stem(key or group)
     if group == "scene":
         classes = scene_classes(source, records)
         out = metrics.scene_scores(preds, [_scene_gt(r) for r in records], classes, strict=strict)
         if figure_dir is not None:
-            out["figure"] = str(plots.plot_confusion(out["confusion"], out["classes"],
-                                                     figure_dir / f"{stem}_confusion.png", title=key))
+            out["figure"] = str(
+                plots.plot_confusion(
+                    out["confusion"], out["classes"], figure_dir / f"{stem}_confusion.png", title=key
+                )
+            )
         return out
     if group == "vqa":
         answers = [r.get("meta", {}).get("answer") for r in records]
         if any(a is None for a in answers):
-            raise ValueError(f"{key}: VQA records without answers (GeoChat-Bench VQA needs its answers joined "
-                             "from the RSVQA files: GeoChatBenchSource(..., answers=...))")
+            raise ValueError(
+                f"{key}: VQA records without answers (GeoChat-Bench VQA needs its answers joined "
+                "from the RSVQA files: GeoChatBenchSource(..., answers=...))"
+            )
         return metrics.vqa_scores(preds, answers, [r["meta"].get("type") for r in records], strict=strict)
     if group == "grounding":
         gts = [_grounding_gt(r) for r in records]
@@ -176,8 +207,10 @@ def score(group: str, preds: Sequence[str], records: Sequence[dict], source, *, 
             groups["size"] = sizes
         out = metrics.grounding_scores(preds, gts, rotated=rotated, groups=groups)
         if figure_dir is not None and records:
-            shown = [dict(image=r["image"], pred=p, gt=g, title=f"{r.get('id')}: {p[:40]}")
-                     for r, p, g in list(zip(records, preds, gts))[:num_plot]]
+            shown = [
+                dict(image=r["image"], pred=p, gt=g, title=f"{r.get('id')}: {p[:40]}")
+                for r, p, g in list(zip(records, preds, gts))[:num_plot]
+            ]
             out["figure"] = str(plots.plot_grounding(shown, figure_dir / f"{stem}_boxes.png"))
         return out
     if group in ("region_caption", "caption"):
@@ -190,13 +223,31 @@ def score(group: str, preds: Sequence[str], records: Sequence[dict], source, *, 
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model, tokenizer_dir, sources: Mapping[str, Any], *, tasks: Sequence[str] = ALL_TASKS,
-             image_size: int | None = None, max_len: int | None = None, max_prompt_len: int | None = None,
-             batch_size: int = 8, max_new_tokens: int = 64, limit: int | None = None, out_dir=None,
-             progress: bool = True, meteor: bool = True, strict: bool = False, rotated: bool = True,
-             model_name: str = "model", template: str = "llava_v1", pad_to_square: bool = True,
-             num_plot: int = 8, generator: Callable[[dict], list[str]] | None = None,
-             image_seq_length: int | None = None, skip_bad_records: bool = False) -> dict[str, dict]:
+def evaluate(
+    model,
+    tokenizer_dir,
+    sources: Mapping[str, Any],
+    *,
+    tasks: Sequence[str] = ALL_TASKS,
+    image_size: int | None = None,
+    max_len: int | None = None,
+    max_prompt_len: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    limit: int | None = None,
+    out_dir=None,
+    progress: bool = True,
+    meteor: bool = True,
+    strict: bool = False,
+    rotated: bool = True,
+    model_name: str = "model",
+    template: str = "llava_v1",
+    pad_to_square: bool = True,
+    num_plot: int = 8,
+    generator: Callable[[dict], list[str]] | None = None,
+    image_seq_length: int | None = None,
+    skip_bad_records: bool = False,
+) -> dict[str, dict]:
     """Generate and score every selected record of every source -> {dataset key: metrics}.
 
     tokenizer_dir: tokenizer directory or loaded tokenizer. image_size: model input size (default: the model's
@@ -208,10 +259,10 @@ def evaluate(model, tokenizer_dir, sources: Mapping[str, Any], *, tasks: Sequenc
     sharded generator; then `model` may be None if image_size and image_seq_length are given).
     `meteor=False` skips METEOR (it needs Java and takes seconds to start).
     """
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    from tqdm.auto import tqdm
 
-    from rskd_jax.data import ExampleTransform, eval_batches  # pylint: disable=g-import-not-at-top
-    from rskd_jax.eval.generate import Generator, load_tokenizer_any  # pylint: disable=g-import-not-at-top
+    from rskd_jax.data import ExampleTransform, eval_batches
+    from rskd_jax.eval.generate import Generator, load_tokenizer_any
 
     tok = load_tokenizer_any(tokenizer_dir)
     cfg = model.cfg if model is not None else None
@@ -221,8 +272,15 @@ def evaluate(model, tokenizer_dir, sources: Mapping[str, Any], *, tasks: Sequenc
     image_seq_length = image_seq_length or cfg.image_seq_length
     max_prompt_len = max_prompt_len or image_seq_length + 256
     max_len = max(max_len or max_prompt_len + max_new_tokens, max_prompt_len)
-    transform = ExampleTransform(tok, image_size=image_size, image_seq_length=image_seq_length, max_len=max_len,
-                                 max_prompt_len=max_prompt_len, template=template, pad_to_square=pad_to_square)
+    transform = ExampleTransform(
+        tok,
+        image_size=image_size,
+        image_seq_length=image_seq_length,
+        max_len=max_len,
+        max_prompt_len=max_prompt_len,
+        template=template,
+        pad_to_square=pad_to_square,
+    )
     gen = generator or Generator(model, tok, max_new_tokens, batch_size)
     out_dir = None if out_dir is None else pathlib.Path(out_dir)
     results: dict[str, dict] = {}
@@ -247,92 +305,88 @@ def evaluate(model, tokenizer_dir, sources: Mapping[str, Any], *, tasks: Sequenc
         for group, ks in by_group.items():
             key = name if len(by_group) == 1 else f"{name}/{group}"
             p, rs = [preds[k] for k in ks], [records[k] for k in ks]
-            m = score(group, p, rs, source, meteor=meteor, strict=strict, rotated=rotated,
-                      figure_dir=out_dir, key=key, num_plot=num_plot)
+            m = score(
+                group,
+                p,
+                rs,
+                source,
+                meteor=meteor,
+                strict=strict,
+                rotated=rotated,
+                figure_dir=out_dir,
+                key=key,
+                num_plot=num_plot,
+            )
             m.update(dataset=name, generation_seconds=seconds * len(ks) / len(records))
             results[key] = m
             if out_dir is not None:
                 _write_predictions(out_dir / "predictions" / f"{_file_stem(key)}.jsonl", p, rs)
         log.info("%s: %d examples in %.1f s", name, len(records), seconds)
     if out_dir is not None:
-        from rskd_jax.eval.report import write_report  # pylint: disable=g-import-not-at-top
+        from rskd_jax.eval.report import write_report
 
         write_report({model_name: results}, out_dir, title=f"Evaluation: {model_name}")
     return results
 
 
 def _write_predictions(path: pathlib.Path, preds: Sequence[str], records: Sequence[dict]) -> None:
-    from rskd_jax.eval.report import to_jsonable  # pylint: disable=g-import-not-at-top
+    from rskd_jax.eval.report import to_jsonable
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for p, r in zip(preds, records):
-            row = dict(id=r.get("id"), task=r.get("task"), question=_question(r), prediction=p,
-                       reference=_answer(r), meta={k: v for k, v in r.get("meta", {}).items() if k != "classes"})
+            row = dict(
+                id=r.get("id"),
+                task=r.get("task"),
+                question=_question(r),
+                prediction=p,
+                reference=_answer(r),
+                meta={k: v for k, v in r.get("meta", {}).items() if k != "classes"},
+            )
             f.write(json.dumps(to_jsonable(row)) + "\n")
 
 
 # ------------------------------------------------------------------------------------- models and datasets
 
 
-def load_model(checkpoint, **overrides):
-    """An LlavaModel from our converted checkpoint (`rskd_jax.load_pretrained`, when that module exists) or
-    from a transformers Llava directory (config.json + safetensors/bin weights, via models.from_torch).
-    `overrides` replace LlavaConfig fields (dtype, scan_layers, ...)."""
+def load_model(checkpoint, dtype: str | None = None, **overrides):
+    """An LlavaModel from our converted checkpoint or any directory the converter reads (transformers Llava,
+    original LLaVA / GeoChat), via `rskd_jax.load_pretrained`; `dtype` = parameter and compute dtype (None: as
+    stored); `overrides`: other LlavaConfig fields."""
+    from rskd_jax.pretrained import load_pretrained
+
     path = pathlib.Path(checkpoint)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        from rskd_jax import load_pretrained  # pylint: disable=g-import-not-at-top
-    except ImportError:
-        load_pretrained = None
-    hf_config = path / "config.json"
-    is_hf = hf_config.is_file() and json.loads(hf_config.read_text()).get("model_type") == "llava"
-    if load_pretrained is not None and not is_hf:
-        return load_pretrained(path, **overrides)
-    if not is_hf:
-        raise ValueError(f"{path}: not a transformers Llava directory (config.json with model_type 'llava') "
-                         "and rskd_jax.load_pretrained is not available")
-    return _load_hf_llava(path, **overrides)
-
-
-def _load_hf_llava(path: pathlib.Path, **overrides):
-    import transformers  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-
-    from rskd_jax.models import LlavaModel, from_torch  # pylint: disable=g-import-not-at-top
-
-    cfg = from_torch.config_from_hf(transformers.AutoConfig.from_pretrained(str(path), local_files_only=True),
-                                    **overrides)
-    files = sorted(path.glob("*.safetensors"))
-    sd = {}
-    if files:
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    t = h.get_tensor(k)
-                    sd[k] = (t.float() if t.dtype.is_floating_point and t.element_size() < 4 else t).numpy()
-    else:
-        import torch  # pylint: disable=g-import-not-at-top
-
-        bins = sorted(path.glob("pytorch_model*.bin"))
-        if not bins:
-            raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weight files")
-        for f in bins:
-            for k, t in torch.load(str(f), map_location="cpu", weights_only=True).items():
-                sd[k] = (t.float() if t.dtype.is_floating_point and t.element_size() < 4 else t).numpy()
-    model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
-    return from_torch.load_params(model, from_torch.llava_params_from_hf_state_dict(cfg, sd))
+        raise FileNotFoundError(f"config.checkpoint={path} does not exist")
+    model, _ = load_pretrained(path, dtype=dtype or None, **overrides)
+    return model
 
 
 def random_model(cfg, seed: int = 0):
-    """A randomly initialised LlavaModel (smoke runs without a checkpoint)."""
-    from flax import nnx  # pylint: disable=g-import-not-at-top
+    """A random LlavaModel for smoke runs without a checkpoint: weights N(0, 0.02), norm scales 1, biases 0.
 
-    from rskd_jax.models import LlavaModel  # pylint: disable=g-import-not-at-top
+    Filled from NumPy into an abstract model: eager nnx init dispatches (and compiles) one small XLA program
+    per parameter, which takes seconds even for the tiny preset.
+    """
+    import jax
+    from flax import nnx
 
-    return LlavaModel(cfg, rngs=nnx.Rngs(seed))
+    from rskd_jax.models import LlavaModel
+
+    model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(seed)))
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        name = str(path[-1])
+        if name == "scale":
+            value = np.ones(var.shape)
+        elif name == "bias":
+            value = np.zeros(var.shape)
+        else:
+            value = rng.normal(0.0, 0.02, var.shape)
+        var.set_value(jax.numpy.asarray(value, var.dtype))
+    nnx.update(model, state)
+    return model
 
 
 def _peek_jsonl(path: pathlib.Path) -> dict:
@@ -354,38 +408,51 @@ def _need(path: str, what: str) -> pathlib.Path:
 
 def task_sources(task: str, data_dir: str, c) -> dict[str, Any]:
     """Sources for one task preset from `data_dir` (a folder or a jsonl file; see configs/eval.py)."""
-    from rskd_jax.data import (CaptionSource, GeoChatBenchSource, RSVQASource,  # pylint: disable=g-import-not-at-top
-                               SceneFolderSource)
+    from rskd_jax.data import CaptionSource, GeoChatBenchSource, RSVQASource, SceneFolderSource  # noqa: I001
 
     image_root = c.get("image_root", "") or None
     skip = bool(c.get("skip_bad_records", False))
     if task == "scene":
-        p = _need(data_dir, "a folder of class folders (UCMerced_LandUse/Images, AID) or a GeoChat-Bench jsonl")
+        p = _need(
+            data_dir, "a folder of class folders (UCMerced_LandUse/Images, AID) or a GeoChat-Bench jsonl"
+        )
         if p.suffix == ".jsonl":
-            return {p.stem: GeoChatBenchSource(p, image_root or p.parent, kind="scene", skip_bad_records=skip)}
+            return {
+                p.stem: GeoChatBenchSource(p, image_root or p.parent, kind="scene", skip_bad_records=skip)
+            }
         s = SceneFolderSource(p, skip_bad_records=skip)
         return {s.name: s}
     if task == "vqa":
         p = _need(data_dir, "an RSVQA folder ({prefix}_split_{split}_*.json) or a GeoChat-Bench jsonl")
         if p.suffix == ".jsonl":
             if not c.get("rsvqa_dir"):
-                raise ValueError("GeoChat-Bench VQA jsonl has no answers: set config.rsvqa_dir to the RSVQA folder")
+                raise ValueError(
+                    "GeoChat-Bench VQA jsonl has no answers: set config.rsvqa_dir to the RSVQA folder"
+                )
             ref = RSVQASource(c.rsvqa_dir, c.vqa_split, prefix=c.rsvqa_prefix, exclude_types=())
             answers = {r["meta"]["question_id"]: r["meta"]["answer"] for r in ref.records}
-            return {p.stem: GeoChatBenchSource(p, image_root or p.parent, kind="vqa", answers=answers,
-                                               skip_bad_records=skip)}
+            return {
+                p.stem: GeoChatBenchSource(
+                    p, image_root or p.parent, kind="vqa", answers=answers, skip_bad_records=skip
+                )
+            }
         s = RSVQASource(p, c.vqa_split, prefix=c.rsvqa_prefix, skip_bad_records=skip)
         return {s.name: s}
     if task == "grounding":
         p = _need(data_dir, "GeoChat-Bench referring.jsonl")
-        return {p.stem: GeoChatBenchSource(p, image_root or p.parent, kind="referring", skip_bad_records=skip)}
+        return {
+            p.stem: GeoChatBenchSource(p, image_root or p.parent, kind="referring", skip_bad_records=skip)
+        }
     if task == "caption":
         p = _need(data_dir, "GeoChat-Bench region_captioning.jsonl or a captions jsonl (ucm_captions.jsonl)")
         if "captions" in _peek_jsonl(p):
             root = image_root or p.parent / "UCMerced_LandUse" / "Images"
             return {p.stem: CaptionSource(p, root, skip_bad_records=skip)}
-        return {p.stem: GeoChatBenchSource(p, image_root or p.parent, kind="region_caption",
-                                           skip_bad_records=skip)}
+        return {
+            p.stem: GeoChatBenchSource(
+                p, image_root or p.parent, kind="region_caption", skip_bad_records=skip
+            )
+        }
     raise ValueError(f"unknown task preset {task!r}")
 
 
@@ -404,9 +471,11 @@ ALL_LAYOUT = (
 def build_sources(c) -> dict[str, Any]:
     """{name: source} for a configs/eval.py config (`c.preset` = task, `all` or `synth`)."""
     if c.preset == "synth":
-        from rskd_jax.data import SynthSource  # pylint: disable=g-import-not-at-top
+        from rskd_jax.data import SynthSource
 
-        return {"rs_synth": SynthSource(c.synth_size, image_size=c.synth_image_size, seed=c.seed, split="test")}
+        return {
+            "rs_synth": SynthSource(c.synth_size, image_size=c.synth_image_size, seed=c.seed, split="test")
+        }
     if c.preset != "all":
         return task_sources(c.preset, c.data_dir, c)
     root = _need(c.data_dir, "a folder holding the datasets under their standard names")
@@ -416,7 +485,9 @@ def build_sources(c) -> dict[str, Any]:
             sub = dict(c.to_dict() if hasattr(c, "to_dict") else c, **extra)
             out.update(task_sources(task, str(root / rel), _Cfg(sub)))
     if not out:
-        raise FileNotFoundError(f"{root}: none of {[r for r, _, _ in ALL_LAYOUT]} found for tasks {list(c.tasks)}")
+        raise FileNotFoundError(
+            f"{root}: none of {[r for r, _, _ in ALL_LAYOUT]} found for tasks {list(c.tasks)}"
+        )
     return out
 
 
@@ -428,7 +499,7 @@ class _Cfg(dict):
 
 def run_eval(c) -> dict:
     """The whole `launch/eval.py`: params table, or model + tokenizer + datasets -> metrics and reports."""
-    from rskd_jax.eval import report  # pylint: disable=g-import-not-at-top
+    from rskd_jax.eval import report
 
     out_dir = pathlib.Path(c.out_dir or f"runs/eval/{c.preset}")
     if c.preset == "params":
@@ -437,59 +508,81 @@ def run_eval(c) -> dict:
     if not tok_dir and c.preset == "synth":
         tok_dir = out_dir / "tokenizer"
         if not (tok_dir / "tokenizer_config.json").is_file():
-            from rskd_jax.data.synth import train_synth_tokenizer  # pylint: disable=g-import-not-at-top
+            from rskd_jax.data.synth import train_synth_tokenizer
 
             log.info("training an rs-synth tokenizer into %s", tok_dir)
             train_synth_tokenizer(tok_dir)
     if not tok_dir:
         raise ValueError("set config.tokenizer (or config.checkpoint, a directory holding the tokenizer)")
-    from rskd_jax.eval.generate import load_tokenizer_any  # pylint: disable=g-import-not-at-top
+    from rskd_jax.eval.generate import load_tokenizer_any
 
     tok = load_tokenizer_any(str(tok_dir))
-    overrides = {k: v for k, v in dict(dtype=c.dtype).items() if v}
     if c.checkpoint:
-        model = load_model(c.checkpoint, **overrides)
+        model = load_model(c.checkpoint, dtype=c.dtype or None)
     else:
         if c.preset != "synth":
             raise ValueError("config.checkpoint is empty (only the synth preset runs a random model)")
+        overrides = dict(dtype=c.dtype) if c.dtype else {}
         model = random_model(smoke_config(c.model, tok, c.image_size, **overrides), c.seed)
         log.warning("no checkpoint: evaluating a RANDOMLY initialised %r model (smoke run)", c.model)
-    results = evaluate(model, tok, build_sources(c), tasks=tuple(c.tasks), image_size=c.image_size or None,
-                       max_len=c.max_len or None, max_prompt_len=c.max_prompt_len or None,
-                       batch_size=c.batch_size, max_new_tokens=c.max_new_tokens, limit=c.limit or None,
-                       out_dir=out_dir, progress=c.progress, meteor=c.meteor, strict=c.strict,
-                       rotated=c.rotated, model_name=c.model_name or pathlib.Path(c.checkpoint or c.model).name)
-    print(report.markdown_report({c.model_name or "model": results}))
+    name = c.model_name or pathlib.Path(c.checkpoint or c.model).name
+    results = evaluate(
+        model,
+        tok,
+        build_sources(c),
+        tasks=tuple(c.tasks),
+        image_size=c.image_size or None,
+        max_len=c.max_len or None,
+        max_prompt_len=c.max_prompt_len or None,
+        batch_size=c.batch_size,
+        max_new_tokens=c.max_new_tokens,
+        limit=c.limit or None,
+        out_dir=out_dir,
+        progress=c.progress,
+        meteor=c.meteor,
+        strict=c.strict,
+        rotated=c.rotated,
+        model_name=name,
+    )
+    print(report.markdown_report({name: results}))
     print(f"metrics, predictions and figures in {out_dir}")
     return results
 
 
 def smoke_config(preset: str, tok, image_size: int | None = None, **overrides):
     """Preset config resized to a tokenizer (vocab, special ids) and an image size: the random smoke model."""
-    import dataclasses  # pylint: disable=g-import-not-at-top
+    import dataclasses
 
-    from rskd_jax.data.tokenizer import special_ids  # pylint: disable=g-import-not-at-top
-    from rskd_jax.models import get_preset  # pylint: disable=g-import-not-at-top
+    from rskd_jax.data.tokenizer import special_ids
+    from rskd_jax.models import get_preset
 
     ids = special_ids(tok)
     cfg = get_preset(preset, **overrides)
     vision = cfg.vision if not image_size else dataclasses.replace(cfg.vision, image_size=image_size)
-    return cfg.replace(vision=vision, text=dataclasses.replace(cfg.text, vocab_size=ids.vocab_size),
-                       image_token_id=ids.image, pad_token_id=ids.pad, bos_token_id=ids.bos, eos_token_id=ids.eos)
+    return cfg.replace(
+        vision=vision,
+        text=dataclasses.replace(cfg.text, vocab_size=ids.vocab_size),
+        image_token_id=ids.image,
+        pad_token_id=ids.pad,
+        bos_token_id=ids.bos,
+        eos_token_id=ids.eos,
+    )
 
 
 def params_report(models: Sequence[str] | str, out_dir=None, seq_len: int | None = None) -> dict:
     """Paper Table 8 for model presets (abstract models: nothing is allocated); prints it, writes
     `params.{md,json}` into out_dir when given."""
-    from rskd_jax.eval import flops, report  # pylint: disable=g-import-not-at-top
-    from rskd_jax.models import get_preset  # pylint: disable=g-import-not-at-top
+    from rskd_jax.eval import flops, report
+    from rskd_jax.models import get_preset
 
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
     cfgs = {n: get_preset(n) for n in names}
     table = flops.format_table_8(cfgs, seq_len)
     print(table)
-    results = {n: {"params_flops": flops.params_flops_metrics(cfg, seq_len or flops.image_tokens(cfg) + 64)}
-               for n, cfg in cfgs.items()}
+    results = {
+        n: {"params_flops": flops.params_flops_metrics(cfg, seq_len or flops.image_tokens(cfg) + 64)}
+        for n, cfg in cfgs.items()
+    }
     if out_dir is not None:
         out_dir = pathlib.Path(out_dir)
         report.write_json(results, out_dir / "params.json")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import pathlib
+import time
 from collections.abc import Callable
 
 import jax
@@ -52,7 +53,12 @@ def _to_global(batch: dict, mesh) -> dict:
 def fit(*, workdir, model, teacher, spec: S.StepSpec, optim_cfg, trainable: str, total_steps: int, dataset,
         mesh, seed: int = 0, maps: dict | None = None, log_every: int = 10, ckpt_every: int = 100,
         keep: int = 2, max_nonfinite_in_a_row: int = 5, num_workers: int = 0, config=None,
-        eval_fn: Callable | None = None, eval_every: int = 0, name: str = "train") -> FitResult:
+        eval_fn: Callable | None = None, eval_every: int = 0, name: str = "train", debug=None) -> FitResult:
+    """Trains `model` (+ `maps`) against `teacher` (None for SFT) to `total_steps`; see the module docstring.
+
+    `debug` (config.debug, tests only): {"kill_stage": name, "kill_at_step": k, "kill_signal": "SIGKILL"|"SIGTERM"}
+    makes the process signal itself right after step k, to test preemption and crash recovery.
+    """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     student = S.DistillStudent(model, maps)
@@ -84,7 +90,7 @@ def fit(*, workdir, model, teacher, spec: S.StepSpec, optim_cfg, trainable: str,
                              f"this run's teacher is {teacher_fp}; use a new --workdir or the original teacher")
         state, start = restored.state, int(restored.step)
         log.info("[%s] resumed from step %d (%s)", name, start, ckpt.step_dir(start))
-    history = _read_history(workdir)
+    history = _read_history(workdir, upto=start)
     writer = writers.create_default_writer(str(workdir), console=False)
     prog = progress.Progress(total_steps, every=log_every, start_step=start, prefix=f"[{name}] ")
     guard = preemption.NonFiniteGuard(max_nonfinite_in_a_row)
@@ -112,6 +118,7 @@ def fit(*, workdir, model, teacher, spec: S.StepSpec, optim_cfg, trainable: str,
                 history.append(dict(step=step, **scalars))
             if eval_fn is not None and eval_every and step % eval_every == 0:
                 writer.write_scalars(step, eval_fn(_merged(parts, state).model, step))
+            _debug_kill(debug, name, step)
             stop = handler.should_stop(step)
             if ok and (step % ckpt_every == 0 or step == total_steps or stop):
                 ckpt.save(step, state, data_iter=data_it, config=config, meta=meta, force=stop)
@@ -134,15 +141,33 @@ def _merged(parts, state) -> S.DistillStudent:
     return nnx.merge(parts["graphdef"], state.params, parts["frozen"])
 
 
-def _read_history(workdir: pathlib.Path) -> list:
+def _read_history(workdir: pathlib.Path, upto: int) -> list:
+    """Logged metrics up to step `upto`; on resume, later entries (logged before a crash, about to be
+    recomputed) are dropped from metrics.jsonl so the curve has one entry per step."""
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            continue  # a line cut by a crash
+        if rec.get("step", 0) <= upto:
+            out.append(rec)
+    if jax.process_index() == 0:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in out))
+        tmp.replace(path)
     return out
+
+
+def _debug_kill(debug, name: str, step: int):
+    if debug and debug.get("kill_stage") == name and debug.get("kill_at_step") == step:
+        import os  # noqa: PLC0415
+        import signal  # noqa: PLC0415
+        sig = getattr(signal, debug.get("kill_signal", "SIGKILL"))
+        log.warning("[%s] debug: sending %s to myself after step %d", name, sig.name, step)
+        os.kill(os.getpid(), sig)
+        time.sleep(0.5)  # SIGTERM: the handler sets the flag; SIGKILL never returns
 

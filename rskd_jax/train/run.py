@@ -43,14 +43,14 @@ class Context:
 
 
 def setup_logging():
+    """INFO logs to stderr (absl's handler when launched through absl, else a plain one); library noise muted."""
     root = logging.getLogger()
-    if not any(getattr(h, "_rskd", False) for h in root.handlers):
+    if not root.handlers:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        h._rskd = True
         root.addHandler(h)
     root.setLevel(logging.INFO)
-    for noisy in ("absl", "jax._src", "orbax", "grain"):
+    for noisy in ("jax._src", "orbax", "grain", "absl"):  # orbax logs through absl at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -79,14 +79,19 @@ def prepare(config, workdir) -> Context:
     if not (tok_dir / "tokenizer_config.json").exists():
         if config.data.tokenizer:
             raise FileNotFoundError(f"config data.tokenizer={tok_dir}: no tokenizer_config.json there")
-        log.info("training a %d-token tokenizer on rs-synth -> %s", config.data.vocab_size, tok_dir)
-        train_synth_tokenizer(tok_dir, vocab_size=config.data.vocab_size, seed=config.seed)
+        if jax.process_index() == 0:
+            log.info("training a %d-token tokenizer on rs-synth -> %s", config.data.vocab_size, tok_dir)
+            tmp = tok_dir.with_name(tok_dir.name + ".tmp")
+            train_synth_tokenizer(tmp, vocab_size=config.data.vocab_size, seed=config.seed)
+            tmp.rename(tok_dir)
+    multihost.sync("tokenizer")
     tok = load_tokenizer(tok_dir)
     ids = special_ids(tok)
     train, evals = make_sources(config, config.data.image_size)
     m = config.mesh
     mesh = mesh_lib.make_mesh((m.data, m.fsdp, m.tensor))
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     return Context(config, workdir, tok_dir, ids, len(tok), mesh, train, evals)
 
 
@@ -135,7 +140,8 @@ def sft_spec(cfg) -> S.StepSpec:
 def _fit_common(ctx: Context):
     c = ctx.config
     return dict(mesh=ctx.mesh, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep_checkpoints,
-                max_nonfinite_in_a_row=c.max_nonfinite_in_a_row, num_workers=c.data.num_workers, config=c)
+                max_nonfinite_in_a_row=c.max_nonfinite_in_a_row, num_workers=c.data.num_workers, config=c,
+                debug=c.get("debug"))
 
 
 def sft_stage(ctx: Context, name: str, mc, seed: int):
@@ -176,9 +182,9 @@ def copy_model(model):
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state))
 
 
-def run(config, workdir, stage: str = "auto"):
+def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes=None, process_id=None):
     setup_logging()
-    multihost.initialize()
+    multihost.initialize(coordinator, num_processes, process_id)
     t0 = time.perf_counter()
     ctx = prepare(config, workdir)
     c = config
@@ -203,10 +209,3 @@ def run(config, workdir, stage: str = "auto"):
     log.info("done in %.1f min; results in %s", (time.perf_counter() - t0) / 60, ctx.workdir)
     return report
 
-
-def load_json(path):
-    return json.loads(pathlib.Path(path).read_text())
-
-
-def _np(x):
-    return np.asarray(jax.device_get(x))
