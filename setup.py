@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "numpy==2.4.6",
     "protobuf==7.36.2",
+    "rouge-score==0.1.2",  # ROUGE for the demo's report (METEOR needs the `eval` extra + Java)
     "absl-py",
     "tqdm",
     "matplotlib",
@@ -37,7 +38,7 @@ EXTRAS = {
         "ipykernel",
         "ruff",
     ],
-    "eval": ["rouge-score==0.1.2", "pycocoevalcap==1.2", "nltk==3.10.4"],
+    "eval": ["pycocoevalcap==1.2", "nltk==3.10.4"],
     "plan": ["libtpu==0.0.42.1"],
     "torch": ["torch==2.13.0"],
 }

@@ -204,6 +204,14 @@ def machine() -> dict:
     return out
 
 
+_T0 = time.perf_counter()
+
+
+def log(msg: str):
+    """Progress line with the seconds since start (flushed: long runs on a shared machine)."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", flush=True)
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     """Plain fixed-width text table of `cols` from `rows` (floats to 4 significant digits)."""
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -3,7 +3,8 @@
 Each conversion runs in a fresh child process that reports its own wall time, peak RSS (VmHWM from
 /proc/self/status) and peak anonymous memory (RssAnon, sampled every 2 ms by a thread; file-backed pages of
 memory-mapped inputs/outputs are reclaimable page cache and are excluded from it). The goal is peak RssAnon <=
-0.4 x the checkpoint size; the import-time baseline (Python + jax + tensorstore, before any tensor) is reported.
+0.4 x the checkpoint size; the start-up baseline (Python + jax + tensorstore, before any tensor) is
+reported.
 The exported tensors are compared with the source ones (must be identical).
 
     python bench/convert.py                # ~1.08 GB float16 checkpoint, writes bench/results/convert.json
@@ -65,6 +66,9 @@ class AnonSampler(threading.Thread):
 
 def child(command: str, src: str, dst: str) -> None:
     """Runs one conversion in this (fresh) process and prints its measurements as JSON."""
+    from launch.convert import tune_malloc  # what the CLI does first
+
+    tune_malloc()
     sampler = AnonSampler()
     sampler.start()
     from rskd_jax.convert import export_checkpoint, import_checkpoint
@@ -78,15 +82,29 @@ def child(command: str, src: str, dst: str) -> None:
     seconds = time.time() - t0
     peak_anon = sampler.stop()
     end = _status()
-    print(json.dumps(dict(seconds=round(seconds, 2), vm_hwm=end["VmHWM"], peak_rss_anon=peak_anon,
-                          baseline_rss_anon=base["RssAnon"], baseline_vm_rss=base["VmRSS"])))
+    print(
+        json.dumps(
+            dict(
+                seconds=round(seconds, 2),
+                vm_hwm=end["VmHWM"],
+                peak_rss_anon=peak_anon,
+                baseline_rss_anon=base["RssAnon"],
+                baseline_vm_rss=base["VmRSS"],
+            )
+        )
+    )
 
 
 def run_child(command: str, src: pathlib.Path, dst: pathlib.Path) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a conversion job would run
-    proc = subprocess.run([sys.executable, __file__, "--child", command, str(src), str(dst)],
-                          capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", command, str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if proc.returncode:
         raise RuntimeError(f"{command} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -116,8 +134,14 @@ def make_checkpoint(d: pathlib.Path, size: str, source_format: str) -> dict:
             shapes[f"{p}{n}.weight"] = shapes[f"{p}{n}.bias"] = (vh,)
         shapes[p + "mlp.fc1.weight"], shapes[p + "mlp.fc1.bias"] = (4 * vh, vh), (4 * vh,)
         shapes[p + "mlp.fc2.weight"], shapes[p + "mlp.fc2.bias"] = (vh, 4 * vh), (vh,)
-    shapes["multi_modal_projector.linear_1.weight"], shapes["multi_modal_projector.linear_1.bias"] = (h, vh), (h,)
-    shapes["multi_modal_projector.linear_2.weight"], shapes["multi_modal_projector.linear_2.bias"] = (h, h), (h,)
+    shapes["multi_modal_projector.linear_1.weight"], shapes["multi_modal_projector.linear_1.bias"] = (
+        (h, vh),
+        (h,),
+    )
+    shapes["multi_modal_projector.linear_2.weight"], shapes["multi_modal_projector.linear_2.bias"] = (
+        (h, h),
+        (h,),
+    )
     shapes["language_model.model.embed_tokens.weight"] = (v, h)
     for i in range(s["layers"]):
         p = f"language_model.model.layers.{i}."
@@ -132,7 +156,7 @@ def make_checkpoint(d: pathlib.Path, size: str, source_format: str) -> dict:
     rng = np.random.default_rng(0)
     infos = {k: TensorInfo(shape, np.dtype(np.float16)) for k, shape in shapes.items()}
     total = sum(i.nbytes for i in infos.values())
-    shards, cur, size_ = [[]], 0, 0
+    shards, cur = [[]], 0
     for k, info in infos.items():
         if cur and cur + info.nbytes > 400e6:
             shards.append([])
@@ -158,25 +182,52 @@ def make_checkpoint(d: pathlib.Path, size: str, source_format: str) -> dict:
         else:
             import torch
 
-            part = {k: torch.from_numpy((rng.random(shapes[k], dtype=np.float32) - 0.5).astype(np.float16))
-                    for k in keys}
+            part = {
+                k: torch.from_numpy((rng.random(shapes[k], dtype=np.float32) - 0.5).astype(np.float16))
+                for k in keys
+            }
             torch.save(part, d / name)
             del part
-    (d / f"{stem}.{ext}.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (d / f"{stem}.{ext}.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     cfg = {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": v - 1,
-        "text_config": {"model_type": "llama", "vocab_size": v, "hidden_size": h, "intermediate_size": m,
-                        "num_hidden_layers": s["layers"], "num_attention_heads": h // 128,
-                        "num_key_value_heads": h // 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": vh, "intermediate_size": 4 * vh,
-                          "num_hidden_layers": s["v_layers"], "num_attention_heads": max(1, vh // 64),
-                          "image_size": s["image"], "patch_size": 14},
-        "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": v - 1,
+        "text_config": {
+            "model_type": "llama",
+            "vocab_size": v,
+            "hidden_size": h,
+            "intermediate_size": m,
+            "num_hidden_layers": s["layers"],
+            "num_attention_heads": h // 128,
+            "num_key_value_heads": h // 128,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 4096,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": vh,
+            "intermediate_size": 4 * vh,
+            "num_hidden_layers": s["v_layers"],
+            "num_attention_heads": max(1, vh // 64),
+            "image_size": s["image"],
+            "patch_size": 14,
+        },
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
     }
     (d / "config.json").write_text(json.dumps(cfg))
-    return dict(bytes=total, params=total // 2, tensors=len(infos), shards=len(shards), dtype="float16",
-                layout="llava-hf 4.x", format=source_format)
+    return dict(
+        bytes=total,
+        params=total // 2,
+        tensors=len(infos),
+        shards=len(shards),
+        dtype="float16",
+        layout="llava-hf 4.x",
+        format=source_format,
+    )
 
 
 def identical(src: pathlib.Path, out: pathlib.Path) -> bool:
@@ -220,8 +271,13 @@ def main() -> None:
         r["vm_hwm_over_checkpoint"] = round(r["vm_hwm"] / ck["bytes"], 3)
         r["gb_per_s"] = round(ck["bytes"] / 1e9 / r["seconds"], 3)
     result = dict(
-        mode="quick" if args.quick else "full", checkpoint=ck, generate_seconds=round(gen, 1), import_=imp,
-        export=exp, our_checkpoint_bytes=ours_bytes, roundtrip_identical=same,
+        mode="quick" if args.quick else "full",
+        checkpoint=ck,
+        generate_seconds=round(gen, 1),
+        import_=imp,
+        export=exp,
+        our_checkpoint_bytes=ours_bytes,
+        roundtrip_identical=same,
         goal="peak RssAnon <= 0.4 x checkpoint bytes (import and export)",
         goal_met=all(r["peak_rss_anon_over_checkpoint"] <= 0.4 for r in (imp, exp)),
         machine=dict(cpus=os.cpu_count(), python=platform.python_version(), platform=platform.platform()),

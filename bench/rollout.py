@@ -69,6 +69,7 @@ def run_config(bc: C.BenchConfig, *, new_tokens: int, warmup: int, reps: int, th
     cfg_s = R.SamplingConfig(max_new_tokens=new_tokens, alpha=0.0)
     compile_s, fns, outs = {}, {}, {}
     variants = [("ours", cfg, True)] + ([("ours_student", cfg_s, False)] if student_only else [])
+    C.log(f"{bc.name}: compiling our rollout ({[v[0] for v in variants]})")
     for name, c, mixed in variants:
         fn = jax_sampler(c, eos_id=-1, pad_id=pad, with_teacher=mixed)
         t0 = time.perf_counter()
@@ -83,7 +84,7 @@ def run_config(bc: C.BenchConfig, *, new_tokens: int, warmup: int, reps: int, th
     gen = torch.Generator().manual_seed(0)
     if peers:
         for n in threads:
-            sfx = "" if n == threads[0] else f"_{n}t"
+            sfx = f"_{n}t"
             fns["generate" + sfx] = with_threads(lambda: hf_s.generate(
                 input_ids=ids, pixel_values=pixels, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, suppress_tokens=[img], pad_token_id=pad), n)
@@ -107,6 +108,7 @@ def run_config(bc: C.BenchConfig, *, new_tokens: int, warmup: int, reps: int, th
                 hf_t, ids, mask, pixels, ml["tokens"], img)).max())
     check = {k: float(v) for k, v in check.items()}
 
+    C.log(f"{bc.name}: timing {list(fns)}, {warmup} warm-up + {reps} runs each")
     times = time_interleaved(fns, warmup=warmup, reps=reps)
     tokens = bc.batch * new_tokens
     rows = {k: dict(impl=k, rollout_ms=1e3 * t["median_s"], tokens_per_s=tokens / t["median_s"],
@@ -126,14 +128,14 @@ def main():
     p = C.parser(__doc__)
     p.add_argument("--configs", default="tiny,small")
     p.add_argument("--new_tokens", type=int, default=32)
-    p.add_argument("--torch_threads", default="", help="comma list; default: all cores (= XLA's pool), then 1")
+    p.add_argument("--torch_threads", default="", help="comma list; default: all cores (= XLA's pool) and 1")
     a = p.parse_args()
     names = ["tiny"] if a.quick else a.configs.split(",")
     warmup, reps = (0, 1) if a.quick else (a.warmup, a.reps)
     new_tokens = 4 if a.quick else a.new_tokens
     cores = C.set_torch_threads()
     threads = [int(t) for t in a.torch_threads.split(",")] if a.torch_threads else (
-        [cores] if a.quick or cores == 1 else [cores, 1])
+        [1] if a.quick or cores == 1 else [cores, 1])  # quick: 1 thread (least sensitive to a loaded machine)
     load_before = C.machine()["loadavg_1m"]
     results = [run_config(C.bench_config(n), new_tokens=new_tokens, warmup=warmup, reps=reps, threads=threads,
                           student_only=not a.quick) for n in names]

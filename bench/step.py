@@ -167,6 +167,7 @@ def run_config(bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int],
           for k, v in batch.items()}
     tb["pixel_values"] = tb["pixel_values"].permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
 
+    C.log(f"{bc.name}: building and compiling our step")
     ours = build_ours(bc, hf_s, hf_t, batch, scan=True)
     fmap = torch.nn.Linear(bc.student.text.hidden_size, bc.teacher.text.hidden_size, bias=False)
     with torch.no_grad():
@@ -185,10 +186,11 @@ def run_config(bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int],
 
     # counted FLOPs: XLA cost analysis of an UNROLLED build of our step (a scanned body is counted once; the
     # lowered, pre-optimisation HLO, so no second compile), FlopCounterMode over one peer step
+    C.log(f"{bc.name}: counting FLOPs")
     un = build_ours(bc, hf_s, hf_t, batch, scan=False, maps_from=ours["map_kernel"], compile=unrolled_timing)
     counted = dict(ours=float(un["lowered"].cost_analysis()["flops"]),
                    ours_scanned_xla=float(ours["compiled"].cost_analysis()["flops"]))
-    name = lambda kind, n: ("torch" if kind == "all" else "torch_lean") + ("" if n == threads[0] else f"_{n}t")
+    name = lambda kind, n: ("torch" if kind == "all" else "torch_lean") + f"_{n}t"
     fns = {"ours": run_ours}
     for kind in kinds:
         with torch_ref.flop_counter_mode() as fc:
@@ -200,12 +202,13 @@ def run_config(bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int],
         fns["ours_unrolled"] = OursRunner(un)
         counted["ours_unrolled"] = counted["ours"]
 
+    C.log(f"{bc.name}: timing {list(fns)}, {warmup} warm-up + {reps} runs each")
     times = time_interleaved(fns, warmup=warmup, reps=reps)
     model_flops = step_flops(bc, logits="answer", vision_layers="used")
     analytic = dict(ours=model_flops, torch=step_flops(bc, logits="all", vision_layers="all"),
                     torch_lean=step_flops(bc, logits="answer", vision_layers="all"))
-    analytic_of = lambda impl: analytic["ours" if impl.startswith("ours") else impl.split("_")[0] if
-                                        "lean" not in impl else "torch_lean"]
+    analytic_of = lambda impl: analytic["ours" if impl.startswith("ours") else
+                                        "torch_lean" if impl.startswith("torch_lean") else "torch"]
     tokens = bc.batch * bc.seq_len
     rows = {}
     for impl, t in times.items():
@@ -221,8 +224,8 @@ def run_config(bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int],
                 ratio=best_torch["step_ms"] / rows["ours"]["step_ms"], ratio_vs=best_torch["impl"],
                 ratios={k: r["step_ms"] / rows["ours"]["step_ms"] for k, r in rows.items() if k != "ours"},
                 flops_check=dict(xla_unrolled_over_analytic=counted["ours"] / analytic["ours"],
-                                 **{f"{k}_counted_over_analytic": counted[k] / analytic[k]
-                                    for k in ("torch", "torch_lean") if k in counted}),
+                                 **{f"{k}_counted_over_analytic": counted[f"{k}_{threads[0]}t"] / analytic[k]
+                                    for k in ("torch", "torch_lean") if f"{k}_{threads[0]}t" in counted}),
                 loss_check=dict(ours=jax_terms, **{("torch" if k == "all" else "torch_lean"): v
                                                   for k, v in torch_terms.items()}, max_rel_diff=rel),
                 ours_compile=dict(ours["times"], first_call_s=first_call_s))
@@ -255,14 +258,14 @@ def main():
     p = C.parser(__doc__)
     p.add_argument("--configs", default="tiny,small")
     p.add_argument("--matmul_n", type=int, default=2048)
-    p.add_argument("--torch_threads", default="", help="comma list; default: all cores (= XLA's pool), then 1")
+    p.add_argument("--torch_threads", default="", help="comma list; default: all cores (= XLA's pool) and 1")
     p.add_argument("--unrolled_timing", action="store_true", help="also compile and time an unrolled build")
     a = p.parse_args()
     names = ["tiny"] if a.quick else a.configs.split(",")
     warmup, reps = (0, 1) if a.quick else (a.warmup, a.reps)
     cores = C.set_torch_threads()
     threads = [int(t) for t in a.torch_threads.split(",")] if a.torch_threads else (
-        [cores] if a.quick or cores == 1 else [cores, 1])
+        [1] if a.quick or cores == 1 else [cores, 1])  # quick: 1 thread (least sensitive to a loaded machine)
     n = 256 if a.quick else a.matmul_n
     load_before = C.machine()["loadavg_1m"]
     ceiling_before = ceilings(n, threads)

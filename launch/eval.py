@@ -36,8 +36,9 @@ def main(argv):
 
 def run():
     """Console script `rskd-eval`."""
-    app.run(main)
+    from rskd_jax.cli import run_app  # noqa: PLC0415
 
+    run_app(main)
 
 if __name__ == "__main__":
     run()

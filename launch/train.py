@@ -37,7 +37,9 @@ def main(argv):
 
 
 def run_cli():
-    app.run(main)
+    from rskd_jax.cli import run_app  # noqa: PLC0415
+
+    run_app(main)
 
 
 run = run_cli  # console script entry point `rskd-train`

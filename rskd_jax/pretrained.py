@@ -1,5 +1,5 @@
-"""`load_pretrained`: a LlavaModel with weights from our checkpoint directory or, converted on the fly, from any
-source the converter reads (HF Llava, original LLaVA / GeoChat, parts, + LoRA).
+"""`load_pretrained`: a LlavaModel with weights from our checkpoint directory or, converted on the fly,
+from any source the converter reads (HF Llava, original LLaVA / GeoChat, parts, + LoRA).
 
     model, cfg = load_pretrained("ckpts/geochat-7b")                     # our checkpoint (orbax restore)
     model, cfg = load_pretrained("hf/llava-1.5-7b-hf", dtype="bfloat16")  # HF directory, in memory
@@ -70,19 +70,25 @@ def _overrides(cfg: LlavaConfig, dtype, compute_dtype, scan_layers, config_overr
     return cfg.replace(**kw)
 
 
-def _specs(cfg, lora_cfg, stacked_from) -> dict[tuple, ckpt.ParamSpec]:
-    expected = importer.expected_params(cfg, lora_cfg)
+def _specs(cfg, stacked_from) -> dict[tuple, ckpt.ParamSpec]:
+    expected = importer.expected_params(cfg)
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
     return {p: ckpt.ParamSpec(s, dtype, p in stacked_from) for p, s in expected.items()}
+
+
+def saved_lora_config(path: pathlib.Path) -> LoRAConfig | None:
+    """The LoRAConfig of adapters kept in our checkpoint (`--lora-mode keep`), or None."""
+    c = ckpt.read_provenance(path).get("lora_config")
+    return (
+        None if not c else LoRAConfig(**{**c, "targets": tuple(c["targets"]), "exclude": tuple(c["exclude"])})
+    )
 
 
 def _from_checkpoint(path: pathlib.Path, mesh, rules, kw) -> tuple[LlavaModel, LlavaConfig]:
     import orbax.checkpoint as ocp
 
     saved = LlavaConfig.from_dict(json.loads((path / ckpt.CONFIG).read_text()))
-    prov = ckpt.read_provenance(path)
-    lora_cfg = LoRAConfig(**{**prov["lora_config"], "targets": tuple(prov["lora_config"]["targets"]),
-                             "exclude": tuple(prov["lora_config"]["exclude"])}) if prov.get("lora_config") else None
+    lora_cfg = saved_lora_config(path)
     cfg = _overrides(saved, **kw)
     model = _abstract_model(cfg, lora_cfg)
     shard = _shardings(model, mesh, rules)
@@ -95,25 +101,38 @@ def _from_checkpoint(path: pathlib.Path, mesh, rules, kw) -> tuple[LlavaModel, L
         if have != want:
             raise ConversionError(
                 f"{path}: checkpoint does not match the model config: "
-                + "; ".join(x for x in (listing("missing", sorted(map(".".join, want - have))),
-                                        listing("unexpected", sorted(map(".".join, have - want)))) if x)
+                + "; ".join(
+                    x
+                    for x in (
+                        listing("missing", sorted(map(".".join, want - have))),
+                        listing("unexpected", sorted(map(".".join, have - want))),
+                    )
+                    if x
+                )
             )
-        target = {k: jax.ShapeDtypeStruct(v.shape, jax.numpy.dtype(cfg.param_dtype), sharding=shard[k])
-                  for k, v in flat.items()}
-        restored = ocp.StandardCheckpointer().restore(path / ckpt.STATE, _nest(target))
+        target = {
+            k: jax.ShapeDtypeStruct(v.shape, jax.numpy.dtype(cfg.param_dtype), sharding=shard[k])
+            for k, v in flat.items()
+        }
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path / ckpt.STATE, _nest(target))
         arrays = {k: _lookup(restored, k) for k in flat}
         return _fill(model, arrays), cfg
     # Layout change (scanned <-> per-layer list): copy layer slices between the two layouts.
+    if lora_cfg is not None:
+        raise ConversionError(
+            f"{path}: changing scan_layers of a checkpoint with kept LoRA adapters is not supported"
+        )
     src_entries = {e.hf: e for e in keymap.entries(saved)}
     dst_entries = keymap.entries(cfg)
-    specs = _specs(cfg, lora_cfg, {e.param for e in dst_entries if e.layer is not None})
-    if lora_cfg is not None:
-        raise ConversionError(f"{path}: changing scan_layers of a checkpoint with kept LoRA adapters is not supported")
+    specs = _specs(cfg, {e.param for e in dst_entries if e.layer is not None})
     sink = importer.ArraySink(specs, shard)
     for e in dst_entries:
         s = src_entries[e.hf]
         for rows in specs[e.param].blocks():
-            sink.write(e.param, e.layer, rows, reader.read(s.param, s.layer, rows).astype(specs[e.param].dtype))
+            sink.write(
+                e.param, e.layer, rows, reader.read(s.param, s.layer, rows).astype(specs[e.param].dtype)
+            )
     sink.finish()
     return _fill(model, sink.arrays), cfg
 
@@ -160,15 +179,23 @@ def load_pretrained(
     config_overrides: other LlavaConfig fields (remat_policy, attention_impl, ...).
     """
     path = pathlib.Path(path)
-    kw = dict(dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, config_overrides=config_overrides)
+    kw = dict(
+        dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, config_overrides=config_overrides
+    )
     if ckpt.is_checkpoint(path):
         return _from_checkpoint(path, mesh, rules, kw)
-    source = importer.open_source(path, fmt, vision_tower=vision_tower, mm_projector=mm_projector,
-                                  image_size=image_size)
+    source = importer.open_source(
+        path, fmt, vision_tower=vision_tower, mm_projector=mm_projector, image_size=image_size
+    )
     adapter = importer.open_lora(lora, source.layout) if lora is not None else None
     src_dtype = None if dtype is None else np.dtype(jax.numpy.dtype(dtype)).name
-    plan = importer.build_plan(source, dtype=src_dtype, scan_layers=True if scan_layers is None else scan_layers,
-                               lora=adapter, lora_mode=lora_mode)
+    plan = importer.build_plan(
+        source,
+        dtype=src_dtype,
+        scan_layers=True if scan_layers is None else scan_layers,
+        lora=adapter,
+        lora_mode=lora_mode,
+    )
     cfg = _overrides(plan.cfg, **{**kw, "dtype": None})  # build_plan applied `dtype` already
     model = _abstract_model(cfg, plan.lora_cfg)
     sink = importer.ArraySink(plan.params, _shardings(model, mesh, rules))

@@ -93,8 +93,20 @@ def test_cli_one_line_error_and_overwrite(tmp_path, model, capsys):
     assert main(["import", str(tmp_path / "src"), str(tmp_path / "dst"), "--no-progress"]) == 0
     assert main(["import", str(tmp_path / "src"), str(tmp_path / "dst"), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["import", str(tmp_path / "src"), str(tmp_path / "dst"), "--no-progress", "--overwrite",
-                 "--dtype", "bfloat16"]) == 0
+    assert (
+        main(
+            [
+                "import",
+                str(tmp_path / "src"),
+                str(tmp_path / "dst"),
+                "--no-progress",
+                "--overwrite",
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "dst" / "config.json").read_text())["param_dtype"] == "bfloat16"
     assert leftovers(tmp_path) == ["dst"]
     capsys.readouterr()

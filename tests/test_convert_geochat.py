@@ -54,13 +54,26 @@ def setup(tmp_path_factory):
         orig[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     t = hf.config.text_config
     geochat_cfg = dict(
-        architectures=["GeoChatLlamaForCausalLM"], model_type="geochat", vocab_size=VOCAB,
-        hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-        num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-        rms_norm_eps=t.rms_norm_eps, rope_theta=500.0, max_position_embeddings=t.max_position_embeddings,
-        mm_vision_tower="openai/clip-vit-large-patch14-336", mm_hidden_size=128, mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_use_im_start_end=False,
-        mm_use_im_patch_token=False, image_aspect_ratio="pad", torch_dtype="float32",
+        architectures=["GeoChatLlamaForCausalLM"],
+        model_type="geochat",
+        vocab_size=VOCAB,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        rms_norm_eps=t.rms_norm_eps,
+        rope_theta=500.0,
+        max_position_embeddings=t.max_position_embeddings,
+        mm_vision_tower="openai/clip-vit-large-patch14-336",
+        mm_hidden_size=128,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        image_aspect_ratio="pad",
+        torch_dtype="float32",
     )
     src = d / "geochat"
     save_sharded(orig, src, "bin", per_shard=30)
@@ -69,7 +82,8 @@ def setup(tmp_path_factory):
 
     # Reference at the new size, with GeoChat's table.
     ref = transformers.LlavaForConditionalGeneration(
-        hf_config(image_size=NEW, vision_width=128, vision_heads=2)).eval()
+        hf_config(image_size=NEW, vision_width=128, vision_heads=2)
+    ).eval()
     new_sd = dict(sd)
     key = "model.vision_tower.embeddings.position_embedding.weight"
     new_sd[key] = geochat_interpolate(sd[key], NEW // 8)
@@ -111,14 +125,19 @@ def test_geochat_import_matches_interpolated_reference_and_exports(setup):
 
 
 def test_vision_tower_dir_and_parts_give_the_same_checkpoint(setup):
-    """--vision-tower (a full CLIPModel dir, 4.x keys + text half) and --format parts == the checkpoint's tower."""
+    """--vision-tower (a CLIPModel dir: 4.x keys + text half) and --format parts == the checkpoint's tower."""
     d, src, sd, _, geochat_cfg = setup
-    vis = {k[len("model.vision_tower."):]: v for k, v in sd.items() if k.startswith("model.vision_tower.")}
+    vis = {k[len("model.vision_tower.") :]: v for k, v in sd.items() if k.startswith("model.vision_tower.")}
     clip = d / "clip"
     clip.mkdir()
     full = {f"vision_model.{k}": v for k, v in vis.items()}
-    full.update({"text_model.embeddings.token_embedding.weight": torch.zeros(10, 8),
-                 "logit_scale": torch.tensor(2.0), "visual_projection.weight": torch.zeros(8, 128)})
+    full.update(
+        {
+            "text_model.embeddings.token_embedding.weight": torch.zeros(10, 8),
+            "logit_scale": torch.tensor(2.0),
+            "visual_projection.weight": torch.zeros(8, 128),
+        }
+    )
     save_file(full, clip / "model.safetensors")
     vc = hf_config(image_size=OLD, vision_width=128, vision_heads=2).vision_config.to_dict()
     write_json(clip / "config.json", {"model_type": "clip", "vision_config": vc})
@@ -131,18 +150,26 @@ def test_vision_tower_dir_and_parts_give_the_same_checkpoint(setup):
     llama = d / "llama"
     lm_keys = {k: v for k, v in no_vision.items() if not k.startswith("model.mm_projector.")}
     save_sharded(lm_keys, llama, "safetensors", per_shard=1000)
-    write_json(llama / "config.json", {k: v for k, v in geochat_cfg.items() if not k.startswith("mm_")}
-               | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    write_json(
+        llama / "config.json",
+        {k: v for k, v in geochat_cfg.items() if not k.startswith("mm_")}
+        | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+    )
     save_tokenizer(llama, VOCAB)
     proj = d / "pretrain"
     proj.mkdir()
-    torch.save({k: v for k, v in no_vision.items() if k.startswith("model.mm_projector.")}, proj / "mm_projector.bin")
+    torch.save(
+        {k: v for k, v in no_vision.items() if k.startswith("model.mm_projector.")}, proj / "mm_projector.bin"
+    )
 
     outs = {
         "own": import_checkpoint(src, d / "a", image_size=NEW, progress=False),
-        "vision_tower": import_checkpoint(ckpt_only, d / "b", vision_tower=clip, image_size=NEW, progress=False),
-        "parts": import_checkpoint(llama, d / "c", fmt="parts", vision_tower=clip, mm_projector=proj,
-                                   image_size=NEW, progress=False),
+        "vision_tower": import_checkpoint(
+            ckpt_only, d / "b", vision_tower=clip, image_size=NEW, progress=False
+        ),
+        "parts": import_checkpoint(
+            llama, d / "c", fmt="parts", vision_tower=clip, mm_projector=proj, image_size=NEW, progress=False
+        ),
     }
     readers = {k: CheckpointReader(v / "state") for k, v in outs.items()}
     keys = readers["own"].keys
@@ -165,5 +192,8 @@ def test_geochat_defaults_and_inspect(setup):
     assert any("inv_freq" in x for x in info["ignored"])
     count = lambda prefix: sum(v.numel() for k, v in sd.items() if k.startswith(prefix))
     assert info["buffers"] == 2 and info["params"] == {
-        "vision": count("model.vision_tower."), "projector": count("model.multi_modal_projector."),
-        "llm": count("model.language_model.") + count("lm_head."), "total": sum(v.numel() for v in sd.values())}
+        "vision": count("model.vision_tower."),
+        "projector": count("model.multi_modal_projector."),
+        "llm": count("model.language_model.") + count("lm_head."),
+        "total": sum(v.numel() for v in sd.values()),
+    }

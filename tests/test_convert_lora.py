@@ -6,11 +6,19 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from peft import LoraConfig, get_peft_model
 from test_convert_testlib import batch, hf_logits, max_diff, our_logits, state_dict, tiny_llava
 
 from rskd_jax import load_pretrained
-from rskd_jax.convert import ConversionError, export_checkpoint, export_model, import_checkpoint
+from rskd_jax.convert import (
+    ConversionError,
+    export_checkpoint,
+    export_model,
+    import_checkpoint,
+    inspect_path,
+)
+from rskd_jax.train.checkpoint import Checkpointer
 
 LLM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -39,8 +47,16 @@ def test_merge_equals_peft_merge_and_unload(base):
     """rsLoRA scale, adapters on LLaMA, CLIP and projector linears, and a modules_to_save lm_head."""
     d, hf = base
     targets = LLM_TARGETS[:-1] + r"|linear_1)|.*vision_tower.*\.q_proj"
-    merged = make_adapter(hf, d / "ad1", 1, r=4, lora_alpha=8, use_rslora=True, target_modules=targets,
-                          modules_to_save=["lm_head"])
+    merged = make_adapter(
+        hf,
+        d / "ad1",
+        1,
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=targets,
+        modules_to_save=["lm_head"],
+    )
     import_checkpoint(d / "base", d / "m1", lora=d / "ad1", progress=False)
     ids, px = batch()
     want = hf_logits(merged, ids, px)
@@ -56,6 +72,8 @@ def test_merge_equals_peft_merge_and_unload(base):
     for k in sm:
         torch.testing.assert_close(sb[k], sm[k], atol=1e-6, rtol=1e-6)
     assert max_diff(hf_logits(back, ids, px), want) <= 1e-5 * scale
+    info = inspect_path(d / "ad1")
+    assert info["format"] == "peft-lora" and info["adapter"]["r"] == 4 and info["adapter"]["use_rslora"]
 
 
 def test_keep_mode_and_merged_exports(base):
@@ -63,7 +81,9 @@ def test_keep_mode_and_merged_exports(base):
     merged = make_adapter(hf, d / "ad2", 2, r=4, lora_alpha=16, target_modules=LLM_TARGETS)
     import_checkpoint(d / "base", d / "k", lora=d / "ad2", lora_mode="keep", progress=False)
     model, cfg = load_pretrained(d / "k")
-    assert model.llm.layers.q_proj.lora_a[...].shape == (2, 64, 4) and model.llm.layers.q_proj.lora_scale == 4.0
+    assert (
+        model.llm.layers.q_proj.lora_a[...].shape == (2, 64, 4) and model.llm.layers.q_proj.lora_scale == 4.0
+    )
     ids, px = batch()
     want = hf_logits(merged, ids, px)
     scale = max(1.0, float(np.abs(want).max()))
@@ -80,11 +100,30 @@ def test_keep_mode_and_merged_exports(base):
         torch.testing.assert_close(sa[k], sm[k], atol=1e-6, rtol=1e-6)
     assert max_diff(hf_logits(a, ids, px), want) <= 1e-5 * scale
 
+    # A training run's student, saved by the trainer's Checkpointer (orbax OCDBT, nnx State `value` leaves).
+    with Checkpointer(d / "run" / "distill" / "checkpoints") as ck:
+        ck.save(3, {"student": nnx.state(model, nnx.Param), "step": 3})
+    run_ckpts = d / "run" / "distill" / "checkpoints"
+    with pytest.raises(ConversionError, match="--lora-alpha"):
+        export_checkpoint(run_ckpts, d / "exp_run", model_config=cfg, progress=False)
+    export_checkpoint(run_ckpts, d / "exp_run", model_config=cfg, lora_alpha=16, progress=False)
+    c = state_dict(transformers.LlavaForConditionalGeneration.from_pretrained(d / "exp_run"))
+    for k in sm:
+        assert torch.equal(c[k], sb[k]), k
+
 
 def test_keep_mode_needs_every_layer_merge_does_not(base):
     d, hf = base
-    merged = make_adapter(hf, d / "ad3", 3, r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
-                          layers_to_transform=[0], layers_pattern="layers")
+    merged = make_adapter(
+        hf,
+        d / "ad3",
+        3,
+        r=2,
+        lora_alpha=2,
+        target_modules=["q_proj", "v_proj"],
+        layers_to_transform=[0],
+        layers_pattern="layers",
+    )
     with pytest.raises(ConversionError, match="lora-mode merge"):
         import_checkpoint(d / "base", d / "bad", lora=d / "ad3", lora_mode="keep", progress=False)
     assert not (d / "bad").exists()

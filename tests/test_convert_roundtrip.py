@@ -27,12 +27,16 @@ from test_convert_testlib import (
 )
 
 from rskd_jax import load_pretrained
-from rskd_jax.convert import export_checkpoint, import_checkpoint, inspect_path
+from rskd_jax.convert import ConversionError, export_checkpoint, hfconfig, import_checkpoint, inspect_path
+from rskd_jax.convert.statedict import params_from_state_dict, state_dict_from_params
+from rskd_jax.models import LlavaModel, from_torch
 
 
 def write_source(layout: str, model, d):
     """Writes `model` in one of the HF on-disk layouts."""
-    if layout == "5x-disk":  # transformers 5.x save_pretrained: language_model.model.*, vision_tower.* (no vision_model)
+    if (
+        layout == "5x-disk"
+    ):  # transformers 5.x save_pretrained: language_model.model.*, vision_tower.* (no vision_model)
         model.save_pretrained(d)
     elif layout == "4x-sharded":  # llava-hf hub layout, sharded safetensors + index
         save_sharded(to_4x_layout(state_dict(model)), d, "safetensors", per_shard=25)
@@ -69,8 +73,10 @@ def test_roundtrip(tmp_path, layout, kv_heads):
     assert max_diff(hf_logits(back, ids, px), ref) <= 1e-6
     # 4.x llava-hf key layout on disk, tokenizer with <image> and the processor at the model's resolution.
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-    assert all(k.startswith(("vision_tower.vision_model.", "multi_modal_projector.", "language_model."))
-               for k in index)
+    assert all(
+        k.startswith(("vision_tower.vision_model.", "multi_modal_projector.", "language_model."))
+        for k in index
+    )
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids("<image>") == IMAGE_ID == back.config.image_token_id
     assert back.config.image_seq_length == 16 and back.config.vision_feature_select_strategy == "default"
@@ -88,7 +94,9 @@ def test_orbax_layout_sharded_restore_and_relayout(tmp_path):
     mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     model, cfg = load_pretrained(tmp_path / "ours", mesh=mesh, dtype="float32")
     gate = model.llm.layers.gate_proj.kernel[...]
-    assert isinstance(gate.sharding, NamedSharding) and gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert isinstance(gate.sharding, NamedSharding) and gate.sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor"
+    )
     assert cfg.param_dtype == "float32" and gate.dtype == np.float32
     # Stored in bfloat16: logits within bf16 rounding of the weights.
     scale = max(1.0, float(np.abs(ref).max()))
@@ -100,3 +108,21 @@ def test_orbax_layout_sharded_restore_and_relayout(tmp_path):
     assert info["dtypes"] == {"bfloat16": info["params"]["total"]}
     n = sum(p.numel() for p in hf.parameters())
     assert info["params"]["total"] == n
+
+
+def test_in_memory_state_dict_api():
+    """params_from_state_dict / state_dict_from_params: same table, in memory (for from_torch and tests)."""
+    hf = tiny_llava(seed=9)
+    sd = {k: v.numpy() for k, v in state_dict(hf).items()}
+    for scan in (True, False):
+        cfg = hfconfig.llava_config(hf.config.to_dict(), "tiny").replace(scan_layers=scan)
+        tree = params_from_state_dict(cfg, to_4x_layout(sd))
+        back = state_dict_from_params(cfg, tree)
+        assert back.keys() == sd.keys() and all(np.array_equal(back[k], sd[k]) for k in sd)
+        assert state_dict_from_params(cfg, tree, export_layout=True).keys() == to_4x_layout(sd).keys()
+    model = from_torch.load_params(nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0))), tree)
+    ids, px = batch()
+    ref = hf_logits(hf, ids, px)
+    assert max_diff(our_logits(model, ids, px), ref) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    with pytest.raises(ConversionError, match="missing .*linear_2.bias.*unexpected.*extra"):
+        params_from_state_dict(cfg, {**{k: v for k, v in sd.items() if "linear_2.bias" not in k}, "extra": 1})

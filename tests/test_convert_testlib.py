@@ -14,7 +14,7 @@ IMAGE_ID = 127  # hf-llava tiny models: <image> is the last row of a 128-word vo
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial random weights (norm scales 1+0.2N, biases 0.1N, tables N(0,1), matrices N(0, 1/fan_in))."""
+    """Non-trivial random weights: norm scales 1+0.2N, biases 0.1N, tables N(0,1), matrices N(0, 1/fan_in)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -30,18 +30,35 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-def hf_config(kv_heads=2, image_size=32, image_token_index=IMAGE_ID, layers=2, vision_width=32, vision_heads=4):
+def hf_config(
+    kv_heads=2, image_size=32, image_token_index=IMAGE_ID, layers=2, vision_width=32, vision_heads=4
+):
     vision = transformers.CLIPVisionConfig(
-        hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=3,
-        num_attention_heads=vision_heads, image_size=image_size, patch_size=8,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=3,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=8,
     )
     text = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=kv_heads, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500.0,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500.0,
     )
     return transformers.LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_token_index, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=(image_size // 8) ** 2,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_index,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // 8) ** 2,
     )
 
 
@@ -54,15 +71,18 @@ def state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def to_4x_layout(sd: dict) -> dict:
-    """5.x in-memory keys -> the 4.x llava-hf on-disk layout (vision_tower.vision_model.*, language_model.*)."""
-    rules = [("model.vision_tower.", "vision_tower.vision_model."), ("model.multi_modal_projector.",
-             "multi_modal_projector."), ("model.language_model.", "language_model.model."),
-             ("lm_head.", "language_model.lm_head.")]
+    """5.x in-memory keys -> 4.x llava-hf on-disk layout (vision_tower.vision_model.*, language_model.*)."""
+    rules = [
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    ]
     out = {}
     for k, v in sd.items():
         for a, b in rules:
             if k.startswith(a):
-                k = b + k[len(a):]
+                k = b + k[len(a) :]
                 break
         out[k] = v
     return out
@@ -70,22 +90,24 @@ def to_4x_layout(sd: dict) -> dict:
 
 def to_original_layout(sd: dict) -> dict:
     """5.x in-memory keys -> original LLaVA / GeoChat keys (model.layers.*, model.mm_projector.0/2, ...)."""
-    rules = [("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
-             ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
-             ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
-             ("model.language_model.", "model.")]
+    rules = [
+        ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+        ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+        ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+        ("model.language_model.", "model."),
+    ]
     out = {}
     for k, v in sd.items():
         for a, b in rules:
             if k.startswith(a):
-                k = b + k[len(a):]
+                k = b + k[len(a) :]
                 break
         out[k] = v
     return out
 
 
 def save_sharded(sd: dict, d: pathlib.Path, kind: str = "safetensors", per_shard: int = 20) -> None:
-    """Sharded checkpoint with an HF index (`model.safetensors.index.json` / `pytorch_model.bin.index.json`)."""
+    """Sharded checkpoint with an HF index (model.safetensors.index.json / pytorch_model.bin.index.json)."""
     d.mkdir(parents=True, exist_ok=True)
     keys = list(sd)
     chunks = [keys[i : i + per_shard] for i in range(0, len(keys), per_shard)]
@@ -94,10 +116,14 @@ def save_sharded(sd: dict, d: pathlib.Path, kind: str = "safetensors", per_shard
     for i, ks in enumerate(chunks):
         name = f"{stem}-{i + 1:05d}-of-{len(chunks):05d}.{ext}"
         part = {k: sd[k] for k in ks}
-        save_file(part, d / name, metadata={"format": "pt"}) if ext == "safetensors" else torch.save(part, d / name)
+        save_file(part, d / name, metadata={"format": "pt"}) if ext == "safetensors" else torch.save(
+            part, d / name
+        )
         weight_map.update({k: name for k in ks})
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+        "weight_map": weight_map,
+    }
     (d / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
 
 
@@ -130,7 +156,9 @@ def batch(image_size: int = 32, image_id: int = IMAGE_ID, seed: int = 0, rows: i
 
 def hf_logits(model, ids, px) -> np.ndarray:
     with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px).permute(0, 3, 1, 2)).logits.numpy()
+        return model(
+            input_ids=torch.tensor(ids), pixel_values=torch.tensor(px).permute(0, 3, 1, 2)
+        ).logits.numpy()
 
 
 def our_logits(model, ids, px) -> np.ndarray:

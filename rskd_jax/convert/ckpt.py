@@ -1,5 +1,5 @@
-"""Our converted-checkpoint directory: orbax PyTree layout written array by array, and a reader for it (and for
-the trainer's orbax checkpoints).
+"""Our converted-checkpoint directory: orbax PyTree layout written array by array, and a reader for it
+(and for the trainer's orbax checkpoints).
 
     DST/config.json     LlavaConfig.to_dict()
     DST/convert.json    provenance: source, format, dtype, LoRA config (kept adapters), ignored keys
@@ -26,8 +26,8 @@ import tensorstore as ts
 from rskd_jax.convert.errors import ConversionError
 from rskd_jax.convert.keymap import path_name, row_blocks
 
-CHUNK_BYTES = 64 * 2**20
-INFLIGHT_BYTES = 256 * 2**20
+CHUNK_BYTES = 32 * 2**20  # zarr chunk = conversion block (bench/convert.py: memory vs speed)
+INFLIGHT_BYTES = 96 * 2**20  # blocks handed to tensorstore and not yet written
 CONFIG, PROVENANCE, STATE = "config.json", "convert.json", "state"
 
 
@@ -62,14 +62,22 @@ class CheckpointWriter:
             rows = spec.blocks()[0]
             chunk = [1] * spec.stacked + [max(1, rows.stop - rows.start), *spec.inner[1:]]
             meta = {
-                "shape": list(spec.shape), "chunks": chunk, "dtype": _zarr_dtype(spec.dtype),
-                "compressor": {"id": "zstd", "level": 1} if compress else None, "fill_value": None,
-                "order": "C", "dimension_separator": ".",
+                "shape": list(spec.shape),
+                "chunks": chunk,
+                "dtype": _zarr_dtype(spec.dtype),
+                "compressor": {"id": "zstd", "level": 1} if compress else None,
+                "fill_value": None,
+                "order": "C",
+                "dimension_separator": ".",
             }
             self.arrays[path] = ts.open(
-                {"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.dir / path_name(path))},
-                 "metadata": meta},
-                create=True, context=ctx,
+                {
+                    "driver": "zarr",
+                    "kvstore": {"driver": "file", "path": str(self.dir / path_name(path))},
+                    "metadata": meta,
+                },
+                create=True,
+                context=ctx,
             ).result()
 
     def write(self, path: tuple, layer: int | None, rows: slice, block: np.ndarray) -> None:
@@ -90,13 +98,21 @@ class CheckpointWriter:
         tree = {
             str(tuple(map(str, p))): {
                 "key_metadata": [{"key": str(k), "key_type": 2} for k in p],
-                "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
-                                   "write_shape": list(s.shape)},
+                "value_metadata": {
+                    "value_type": "jax.Array",
+                    "skip_deserialize": False,
+                    "write_shape": list(s.shape),
+                },
             }
             for p, s in self.params.items()
         }
-        meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
-                "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        meta = {
+            "tree_metadata": tree,
+            "use_ocdbt": False,
+            "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": None,
+        }
         (self.dir / "_METADATA").write_text(json.dumps(meta))
 
 
@@ -136,8 +152,11 @@ class CheckpointReader:
         if key not in self._open:
             name = self.keys[key]
             driver = "zarr3" if self.use_zarr3 else "zarr"
-            kv = ({"driver": "ocdbt", "base": f"file://{self.dir}/", "path": name} if self.use_ocdbt
-                  else {"driver": "file", "path": str(self.dir / name)})
+            kv = (
+                {"driver": "ocdbt", "base": f"file://{self.dir}/", "path": name}
+                if self.use_ocdbt
+                else {"driver": "file", "path": str(self.dir / name)}
+            )
             try:
                 self._open[key] = ts.open({"driver": driver, "kvstore": kv}, open=True).result()
             except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/RuntimeError variants

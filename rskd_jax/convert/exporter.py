@@ -23,23 +23,28 @@ import numpy as np
 from rskd_jax.convert import ckpt, hfconfig, keymap
 from rskd_jax.convert.errors import ConversionError
 from rskd_jax.convert.files import SafetensorsWriter, TensorInfo, drop_pages, parse_size, release_memory
-from rskd_jax.convert.importer import DTYPES, IMAGE_TOKEN, _pick_dtype, check_destination, commit, temp_dir_for
+from rskd_jax.convert.importer import (
+    DTYPES,
+    IMAGE_TOKEN,
+    _pick_dtype,
+    check_destination,
+    commit,
+    temp_dir_for,
+)
 from rskd_jax.convert.sources import TOKENIZER_FILES
-from rskd_jax.models.lora import LoRAConfig
 from rskd_jax.models.presets import LlavaConfig
 
 log = logging.getLogger(__name__)
-BLOCK_BYTES = 64 * 2**20
+BLOCK_BYTES = 32 * 2**20
 
 
 class CheckpointParams:
     """Parameters read from an orbax checkpoint (ours or a training state's subtree at `prefix`)."""
 
-    def __init__(self, state_dir: pathlib.Path, cfg: LlavaConfig, lora_cfg: LoRAConfig | None, prefix=()):
+    def __init__(self, state_dir: pathlib.Path, cfg: LlavaConfig, lora_alpha: float | None, prefix=()):
         self.reader = ckpt.CheckpointReader(state_dir, prefix)
-        self.lora_scale = lora_cfg.scale if lora_cfg is not None else None
-        stacked = {e.param for e in keymap.entries(cfg) if e.layer is not None}
-        self._stacked = stacked
+        self.lora_alpha = lora_alpha
+        self._stacked = {e.param for e in keymap.entries(cfg) if e.layer is not None}
 
     def has(self, path: tuple) -> bool:
         return self.reader.find(path) is not None
@@ -51,11 +56,13 @@ class CheckpointParams:
         return self.reader.read(path, layer, rows)
 
     def scale(self, path: tuple) -> float:
-        if self.lora_scale is None:
+        """alpha / rank, the rank read from the stored lora_a."""
+        if self.lora_alpha is None:
             raise ConversionError(
-                f"{self.reader.dir}: the checkpoint has LoRA adapters but no LoRA config (alpha/rank) to merge them"
+                f"{self.reader.dir}: the checkpoint has LoRA adapters; give their alpha to merge them "
+                "(--lora-alpha)"
             )
-        return self.lora_scale
+        return self.lora_alpha / self.reader.array(path[:-1] + ("lora_a",)).shape[-1]
 
 
 class ModelParams:
@@ -67,12 +74,16 @@ class ModelParams:
         from rskd_jax.models.layers import Linear
 
         self.flat = {tuple(k): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-        self.scales = {tuple(p): m.lora_scale for p, m in nnx.iter_modules(model)
-                       if isinstance(m, Linear) and m.lora_a is not None}
+        self.scales = {
+            tuple(p): m.lora_scale
+            for p, m in nnx.iter_modules(model)
+            if isinstance(m, Linear) and m.lora_a is not None
+        }
         bad = [keymap.path_name(k) for k, v in self.flat.items() if not _value(v).is_fully_addressable]
         if bad:
             raise ConversionError(
-                f"export_model: arrays not fully addressable from this process ({bad[:3]} ...): multi-host export "
+                f"export_model: arrays not fully addressable from this process ({bad[:3]} ...): "
+                "multi-host export "
                 "is not supported; save a checkpoint and export it with `rskd-convert export`"
             )
         self._stacked = {k for k in self.flat if "layers" in k and not any(isinstance(x, int) for x in k)}
@@ -143,27 +154,25 @@ def _write_tensor(o: Out, params, dst: np.ndarray) -> None:
     if lora:
         scale = np.float32(params.scale(e.param))
         b = np.asarray(params.get(e.param[:-1] + ("lora_b",), e.layer, slice(None)), np.float32)
-    total, body = None, dst[: dst.shape[0] - o.pad_rows] if o.pad_rows else dst
+    body = dst[: dst.shape[0] - o.pad_rows] if o.pad_rows else dst
+    sums = []  # per block: sums over the vocabulary (embedding rows / columns of our lm_head kernel)
     for rows in keymap.row_blocks(spec.inner, max(spec.dtype.itemsize, 4 if lora else 1), BLOCK_BYTES):
         block = params.get(e.param, e.layer, rows)
         if lora:
             a = np.asarray(params.get(e.param[:-1] + ("lora_a",), e.layer, rows), np.float32)
             block = block.astype(np.float32) + (a @ b) * scale
-        if o.pad_rows:  # mean over the vocabulary: rows of the embedding, columns of our lm_head kernel
-            part = block.astype(np.float64)
-            s = part.sum(0) if e.transform == "copy" else part.mean(1)
-            total = (s if total is None else total + s) if e.transform == "copy" else _cat(total, s)
+        if o.pad_rows:
+            sums.append(block.astype(np.float64).sum(0 if e.transform == "copy" else 1))
         keymap.put_hf(e.transform, body, block.astype(o.info.dtype, copy=False), rows)
-    if o.pad_rows:
-        mean = total / spec.inner[0] if e.transform == "copy" else total
-        dst[-o.pad_rows:] = mean.astype(o.info.dtype)
+    if o.pad_rows:  # new vocabulary rows = the mean of the existing ones
+        vocab = body.shape[0]
+        mean = (np.sum(sums, 0) if e.transform == "copy" else np.concatenate(sums)) / vocab
+        dst[vocab:] = mean.astype(o.info.dtype)
 
 
-def _cat(a, b):
-    return b if a is None else np.concatenate([a, b])
-
-
-def _export(cfg: LlavaConfig, params, dst, *, tokenizer_dir, dtype, max_shard_size, overwrite, progress) -> pathlib.Path:
+def _export(
+    cfg: LlavaConfig, params, dst, *, tokenizer_dir, dtype, max_shard_size, overwrite, progress
+) -> pathlib.Path:
     from tqdm.auto import tqdm
 
     dst = pathlib.Path(dst).absolute()
@@ -174,9 +183,14 @@ def _export(cfg: LlavaConfig, params, dst, *, tokenizer_dir, dtype, max_shard_si
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        names = (["model.safetensors"] if len(shards) == 1
-                 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        with tqdm(total=len(outs), unit="tensor", desc="export", disable=not progress, mininterval=1.0) as bar:
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        with tqdm(
+            total=len(outs), unit="tensor", desc="export", disable=not progress, mininterval=1.0
+        ) as bar:
             for name, shard in zip(names, shards):
                 writer = SafetensorsWriter(tmp / name, {o.key: o.info for o in shard})
                 for o in shard:
@@ -187,19 +201,27 @@ def _export(cfg: LlavaConfig, params, dst, *, tokenizer_dir, dtype, max_shard_si
                     release_memory()
                     bar.update()
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(o.info.nbytes for o in outs)},
-                     "weight_map": {o.key: n for n, s in zip(names, shards) for o in s}}
+            index = {
+                "metadata": {"total_size": sum(o.info.nbytes for o in outs)},
+                "weight_map": {o.key: n for n, s in zip(names, shards) for o in s},
+            }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         out_dtype = outs[0].info.dtype.name
         (tmp / "config.json").write_text(json.dumps(hfconfig.hf_llava_dict(cfg, vocab, out_dtype), indent=2))
-        gen = dict(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+        gen = dict(
+            bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
+        )
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         (tmp / "preprocessor_config.json").write_text(json.dumps(hfconfig.preprocessor_dict(cfg), indent=2))
-        if tokenizer_dir is not None and any((pathlib.Path(tokenizer_dir) / f).is_file() for f in TOKENIZER_FILES):
+        if tokenizer_dir is not None and any(
+            (pathlib.Path(tokenizer_dir) / f).is_file() for f in TOKENIZER_FILES
+        ):
             _save_tokenizer(pathlib.Path(tokenizer_dir), tmp, cfg.image_token_id)
             (tmp / "processor_config.json").write_text(json.dumps(hfconfig.processor_dict(cfg), indent=2))
         else:
-            log.warning("no tokenizer given / found: %s has weights, configs and the image processor only", dst)
+            log.warning(
+                "no tokenizer given / found: %s has weights, configs and the image processor only", dst
+            )
         commit(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -215,14 +237,22 @@ def _save_tokenizer(src: pathlib.Path, dst: pathlib.Path, image_token_id: int) -
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     got = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if got != image_token_id:
-        raise ConversionError(f"{src}: tokenizer has {IMAGE_TOKEN} = {got}, the model expects {image_token_id}")
+        raise ConversionError(
+            f"{src}: tokenizer has {IMAGE_TOKEN} = {got}, the model expects {image_token_id}"
+        )
     tok.save_pretrained(str(dst))
 
 
 def _find_prefix(reader: ckpt.CheckpointReader) -> tuple:
     """The key prefix of the model parameters in a (training) state tree: where 'llm/embed_tokens' lives."""
-    hits = sorted({k[: k.index("llm")] for k in reader.keys
-                   if "llm" in k and k[k.index("llm"):][:2] == ("llm", "embed_tokens")}, key=len)
+    hits = sorted(
+        {
+            k[: k.index("llm")]
+            for k in reader.keys
+            if "llm" in k and k[k.index("llm") :][:2] == ("llm", "embed_tokens")
+        },
+        key=len,
+    )
     if not hits:
         raise ConversionError(f"{reader.dir}: no model parameters (llm/embed_tokens) in this checkpoint")
     return hits[0]
@@ -233,8 +263,11 @@ def _state_dir(src: pathlib.Path) -> pathlib.Path:
     for d in (src, src / ckpt.STATE):
         if (d / "_METADATA").is_file():
             return d
-    steps = sorted((int(p.name), p) for p in src.iterdir() if p.name.isdigit() and (p / ckpt.STATE).is_dir()) \
-        if src.is_dir() else []
+    steps = (
+        sorted((int(p.name), p) for p in src.iterdir() if p.name.isdigit() and (p / ckpt.STATE).is_dir())
+        if src.is_dir()
+        else []
+    )
     if steps:
         return steps[-1][1] / ckpt.STATE
     raise ConversionError(f"{src}: neither an rskd-jax checkpoint nor an orbax state directory")
@@ -247,21 +280,23 @@ def export_checkpoint(
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
     model_config: str | os.PathLike | LlavaConfig | None = None,
-    lora_config: LoRAConfig | None = None,
+    lora_alpha: float | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> pathlib.Path:
-    """Exports our checkpoint directory SRC (or a training checkpoint: a step directory, its `state/`, or a
-    checkpoints directory whose newest step is used, given `model_config`) to an HF Llava directory DST."""
+    """Exports our checkpoint directory SRC to an HF Llava directory DST.
+
+    SRC may also be a training checkpoint (a step directory, its `state/`, or a checkpoints directory whose
+    newest step is used): give `model_config` (our LlavaConfig or its config.json), and `lora_alpha` when the
+    student has LoRA adapters (they are merged; the rank is read from the arrays). The model parameters are
+    found in the state tree wherever `.../llm/embed_tokens` is (nnx State `value` leaves are accepted).
+    """
     src = pathlib.Path(src)
     if ckpt.is_checkpoint(src):
         cfg = LlavaConfig.from_dict(json.loads((src / ckpt.CONFIG).read_text()))
-        prov = ckpt.read_provenance(src)
-        lc = prov.get("lora_config")
-        lora = lora_config or (LoRAConfig(**{**lc, "targets": tuple(lc["targets"]), "exclude": tuple(lc["exclude"])})
-                               if lc else None)
-        params = CheckpointParams(src / ckpt.STATE, cfg, lora)
+        lc = ckpt.read_provenance(src).get("lora_config")
+        params = CheckpointParams(src / ckpt.STATE, cfg, lora_alpha if lc is None else lc["alpha"])
         tok = tokenizer_dir or src
     else:
         if model_config is None:
@@ -269,14 +304,25 @@ def export_checkpoint(
                 f"{src}: not an rskd-jax checkpoint directory; for a training checkpoint pass model_config "
                 "(--model-config: our config.json of the student)"
             )
-        cfg = model_config if isinstance(model_config, LlavaConfig) else LlavaConfig.from_dict(
-            hfconfig.read_json(pathlib.Path(model_config)))
+        cfg = (
+            model_config
+            if isinstance(model_config, LlavaConfig)
+            else LlavaConfig.from_dict(hfconfig.read_json(pathlib.Path(model_config)))
+        )
         state = _state_dir(src)
         reader = ckpt.CheckpointReader(state)
-        params = CheckpointParams(state, cfg, lora_config, _find_prefix(reader))
+        params = CheckpointParams(state, cfg, lora_alpha, _find_prefix(reader))
         tok = tokenizer_dir
-    return _export(cfg, params, dst, tokenizer_dir=tok, dtype=dtype, max_shard_size=max_shard_size,
-                   overwrite=overwrite, progress=progress)
+    return _export(
+        cfg,
+        params,
+        dst,
+        tokenizer_dir=tok,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 def export_model(
@@ -290,6 +336,14 @@ def export_model(
     overwrite: bool = False,
     progress: bool = False,
 ) -> pathlib.Path:
-    """Exports an in-memory LlavaModel (LoRA adapters merged; the model is not modified) to an HF directory."""
-    return _export(cfg, ModelParams(model), dst, tokenizer_dir=tokenizer_dir, dtype=dtype,
-                   max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    """Exports an in-memory LlavaModel to an HF directory (LoRA adapters merged; the model is unchanged)."""
+    return _export(
+        cfg,
+        ModelParams(model),
+        dst,
+        tokenizer_dir=tokenizer_dir,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=progress,
+    )

@@ -122,7 +122,9 @@ class TorchFile:
                 raise ConversionError(f"{self.path}: cannot read this torch checkpoint: {e}") from e
             sd = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
         except Exception as e:  # noqa: BLE001 - any unpickling/zip failure is a bad input file
-            raise ConversionError(f"{self.path}: cannot read this torch checkpoint: {type(e).__name__}: {e}") from e
+            raise ConversionError(
+                f"{self.path}: cannot read this torch checkpoint: {type(e).__name__}: {e}"
+            ) from e
         if not isinstance(sd, dict):
             raise ConversionError(f"{self.path}: expected a state dict, found a {type(sd).__name__}")
         bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
@@ -189,9 +191,13 @@ class WeightSet:
                 missing = sorted(set(keys) - set(have))
                 extra = sorted(set(have) - set(keys))
                 if missing or extra:
-                    parts = [listing("keys listed in the index but absent", missing, 8),
-                             listing("keys present but not in the index", extra, 8)]
-                    raise ConversionError(f"{f}: does not match its index file: " + "; ".join(p for p in parts if p))
+                    parts = [
+                        listing("keys listed in the index but absent", missing, 8),
+                        listing("keys present but not in the index", extra, 8),
+                    ]
+                    raise ConversionError(
+                        f"{f}: does not match its index file: " + "; ".join(p for p in parts if p)
+                    )
             for k in have:
                 if k in self.refs:
                     raise ConversionError(f"tensor {k!r} is in both {self.refs[k].file} and {f}")
@@ -204,7 +210,7 @@ class WeightSet:
 
 
 class Reader:
-    """Reads TensorRefs, keeping each file open until `release(file)` (a .bin shard stays mapped till then)."""
+    """Reads TensorRefs, keeping each file open until `release(file)` (a .bin shard stays mapped)."""
 
     def __init__(self):
         self._open: dict[pathlib.Path, object] = {}
@@ -283,8 +289,11 @@ class SafetensorsWriter:
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for key, info in tensors.items():
-            header[key] = {"dtype": ST_NAMES[info.dtype], "shape": list(info.shape),
-                           "data_offsets": [offset, offset + info.nbytes]}
+            header[key] = {
+                "dtype": ST_NAMES[info.dtype],
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + info.nbytes],
+            }
             offset += info.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)

@@ -17,6 +17,7 @@ import pathlib
 import shutil
 import time
 
+import ml_dtypes
 import numpy as np
 
 from rskd_jax.convert import ckpt, keymap
@@ -72,7 +73,7 @@ def _pick_dtype(refs: list[TensorRef], dtype: str | None) -> np.dtype:
     if dtype is not None:
         if dtype not in DTYPES:
             raise ConversionError(f"--dtype {dtype!r}; expected one of {DTYPES}")
-        return np.dtype(__import__("ml_dtypes").bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+        return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     sizes: dict[np.dtype, int] = {}
     for r in refs:
         if r.info.dtype.kind == "f" or r.info.dtype.name == "bfloat16":
@@ -92,9 +93,8 @@ def _keep_lora_config(adapter: LoraAdapter, entries: dict[str, keymap.Entry]) ->
             names.add(name)
     if bad:
         raise ConversionError(
-            f"{adapter.path}: --lora-mode keep supports adapters on the LLaMA projections {LLAMA_TARGETS} only; "
-            + listing("other adapted modules", bad)
-            + " (use --lora-mode merge)"
+            f"{adapter.path}: --lora-mode keep supports adapters on the LLaMA projections "
+            f"{LLAMA_TARGETS} only; " + listing("other adapted modules", bad) + " (use --lora-mode merge)"
         )
     # Our LoRAConfig.scale is alpha / rank: express rsLoRA's alpha / sqrt(r) through alpha.
     alpha = adapter.scale * adapter.rank
@@ -155,27 +155,45 @@ def build_plan(
         if e.transform == "pos" and got != want and _resizable(got, want):
             resize = int(round((want[0] - 1) ** 0.5))
         elif got != want:
-            shapes.append(f"{origin[e.hf]}: expected {keymap.hf_shape(e.transform, want)}, found {ref.info.shape}")
+            shapes.append(
+                f"{origin[e.hf]}: expected {keymap.hf_shape(e.transform, want)}, found {ref.info.shape}"
+            )
             continue
         lo = merges.get(e.hf)
         if lo is not None:
             merged.add(e.hf)
             a, b, _ = lo
-            if e.transform != "linear" or a.info.shape[1:] != ref.info.shape[1:] or b.info.shape[:1] != ref.info.shape[:1]:
+            if (
+                e.transform != "linear"
+                or a.info.shape[1:] != ref.info.shape[1:]
+                or b.info.shape[:1] != ref.info.shape[:1]
+                or a.info.shape[:1] != b.info.shape[1:]
+            ):
                 shapes.append(
-                    f"{origin.get(e.hf)}: LoRA A {a.info.shape} / B {b.info.shape} do not fit weight {ref.info.shape}"
+                    f"{origin.get(e.hf)}: LoRA A {a.info.shape} / B {b.info.shape} do not fit weight "
+                    f"{ref.info.shape}"
                 )
         items.append(Item(e, ref, resize, lo))
     unexpected = list(source.unexpected) + [origin[k] for k in refs if k not in used]
-    unexpected += [lora.origin.get(w[: -len(".weight")] + ".lora_A.weight", w) + " (LoRA: no such base weight)"
-                   for w in merges if w not in merged]
+    unexpected += [
+        lora.origin.get(w[: -len(".weight")] + ".lora_A.weight", w) + " (LoRA: no such base weight)"
+        for w in merges
+        if w not in merged
+    ]
     if missing or unexpected or shapes:
-        parts = [listing("missing keys (canonical name, expected HF shape)", missing),
-                 listing("unexpected keys", unexpected), listing("shape mismatches", shapes)]
-        hint = " (keep-mode LoRA needs adapters on every layer of each target; try --lora-mode merge)" if (
-            lora_cfg is not None and any("lora_" in m for m in missing)) else ""
-        raise ConversionError("the checkpoint does not match the model config: "
-                              + "; ".join(p for p in parts if p) + hint)
+        parts = [
+            listing("missing keys (canonical name, expected HF shape)", missing),
+            listing("unexpected keys", unexpected),
+            listing("shape mismatches", shapes),
+        ]
+        hint = (
+            " (keep-mode LoRA needs adapters on every layer of each target; try --lora-mode merge)"
+            if (lora_cfg is not None and any("lora_" in m for m in missing))
+            else ""
+        )
+        raise ConversionError(
+            "the checkpoint does not match the model config: " + "; ".join(p for p in parts if p) + hint
+        )
     order = {f: i for i, f in enumerate(dict.fromkeys(it.ref.file for it in items))}
     items.sort(key=lambda it: order[it.ref.file])  # stable: table order within a file
     return Plan(cfg, params, items, lora_cfg, list(source.ignored))
@@ -192,12 +210,17 @@ def _check_table(entries: list[keymap.Entry], expected: dict[tuple, tuple]) -> N
     for e in entries:
         covered.setdefault(e.param, set()).add(e.layer)
     stray = [p for p in covered if p not in expected]
-    uncovered = [p for p, s in expected.items()
-                 if p not in covered or (None not in covered[p] and covered[p] != set(range(s[0])))]
+    uncovered = [
+        p
+        for p, s in expected.items()
+        if p not in covered or (None not in covered[p] and covered[p] != set(range(s[0])))
+    ]
     if stray or uncovered:
         raise ConversionError(
             "internal: the key table does not match LlavaModel's parameters: "
-            + "; ".join(x for x in (listing("not in the model", stray), listing("not covered", uncovered)) if x)
+            + "; ".join(
+                x for x in (listing("not in the model", stray), listing("not covered", uncovered)) if x
+            )
         )
 
 
@@ -293,7 +316,9 @@ def import_checkpoint(
     t0 = time.time()
     dst = pathlib.Path(dst).absolute()
     check_destination(dst, overwrite)
-    source = open_source(src, fmt, vision_tower=vision_tower, mm_projector=mm_projector, image_size=image_size)
+    source = open_source(
+        src, fmt, vision_tower=vision_tower, mm_projector=mm_projector, image_size=image_size
+    )
     adapter = open_lora(lora, source.layout) if lora is not None else None
     plan = build_plan(source, dtype=dtype, scan_layers=scan_layers, lora=adapter, lora_mode=lora_mode)
     tmp = temp_dir_for(dst)
@@ -308,18 +333,29 @@ def import_checkpoint(
             if source.image_token_from_tokenizer:
                 cfg = cfg.replace(image_token_id=image_id)
             elif image_id != cfg.image_token_id:
-                log.warning("tokenizer %s has <image> = %d but the config says image_token_index = %d",
-                            tok_dir, image_id, cfg.image_token_id)
+                log.warning(
+                    "tokenizer %s has <image> = %d but the config says image_token_index = %d",
+                    tok_dir,
+                    image_id,
+                    cfg.image_token_id,
+                )
         else:
             log.warning("no tokenizer files in %s: %s gets none (pass --tokenizer DIR)", src, dst)
         (tmp / ckpt.CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         prov = dict(
-            format="rskd-jax-checkpoint", version=1, source=str(pathlib.Path(src).absolute()),
-            source_format=source.format, vision_tower=str(vision_tower) if vision_tower else None,
-            mm_projector=str(mm_projector) if mm_projector else None, lora=str(lora) if lora else None,
+            format="rskd-jax-checkpoint",
+            version=1,
+            source=str(pathlib.Path(src).absolute()),
+            source_format=source.format,
+            vision_tower=str(vision_tower) if vision_tower else None,
+            mm_projector=str(mm_projector) if mm_projector else None,
+            lora=str(lora) if lora else None,
             lora_mode=lora_mode if lora else None,
             lora_config=dataclasses.asdict(plan.lora_cfg) if plan.lora_cfg is not None else None,
-            dtype=cfg.param_dtype, tensors=len(plan.items), bytes=plan.nbytes, ignored=plan.ignored,
+            dtype=cfg.param_dtype,
+            tensors=len(plan.items),
+            bytes=plan.nbytes,
+            ignored=plan.ignored,
             seconds=round(time.time() - t0, 2),
         )
         (tmp / ckpt.PROVENANCE).write_text(json.dumps(prov, indent=2))
@@ -328,7 +364,9 @@ def import_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if plan.ignored:
-        log.info("ignored %d source tensors (buffers / unused parts): %s", len(plan.ignored), plan.ignored[:5])
+        log.info(
+            "ignored %d source tensors (buffers / unused parts): %s", len(plan.ignored), plan.ignored[:5]
+        )
     return dst
 
 
@@ -353,7 +391,9 @@ class ArraySink:
         self._left[path] -= 1
         if self._left[path] == 0:
             sharding = self.shardings.get(path)
-            self.arrays[path] = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+            self.arrays[path] = (
+                jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+            )
             del self._host[path]
 
     def finish(self) -> None:

@@ -47,17 +47,36 @@ def inspect_path(path: str | pathlib.Path) -> dict:
             a = reader.array(key)
             comp = "lora" if key[-1] in ("lora_a", "lora_b") else key[0]
             items.append((comp, tuple(a.shape), np.dtype(a.dtype.numpy_dtype).name))
-        return {"path": str(path), "format": "rskd-jax checkpoint", "tensors": len(items),
-                "config": hfconfig.read_json(path / ckpt.CONFIG), **_summary(items),
-                "provenance": ckpt.read_provenance(path)}
+        return {
+            "path": str(path),
+            "format": "rskd-jax checkpoint",
+            "tensors": len(items),
+            "config": hfconfig.read_json(path / ckpt.CONFIG),
+            **_summary(items),
+            "provenance": ckpt.read_provenance(path),
+        }
     if (path / "adapter_config.json").is_file():
         ws = WeightSet(path, ADAPTER_FILES)
         c = hfconfig.read_json(path / "adapter_config.json")
         items = [("lora", r.info.shape, r.info.dtype.name) for r in ws.refs.values()]
-        return {"path": str(path), "format": "peft-lora", "tensors": len(items),
-                "adapter": {k: c.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules",
-                                                  "use_rslora", "use_dora", "base_model_name_or_path")},
-                **_summary(items)}
+        return {
+            "path": str(path),
+            "format": "peft-lora",
+            "tensors": len(items),
+            "adapter": {
+                k: c.get(k)
+                for k in (
+                    "r",
+                    "lora_alpha",
+                    "lora_dropout",
+                    "target_modules",
+                    "use_rslora",
+                    "use_dora",
+                    "base_model_name_or_path",
+                )
+            },
+            **_summary(items),
+        }
     if not path.is_dir():
         raise ConversionError(f"{path}: not a directory")
     ws = WeightSet(path)
@@ -65,10 +84,20 @@ def inspect_path(path: str | pathlib.Path) -> dict:
     fmt = detect_format(path, config, list(ws.refs))
     layout = {"hf-llava": "hf-llava", "llava": "llava", "geochat": "llava", "llama": "llama"}[fmt]
     buffers = [k for k in ws.refs if IGNORED.search(k)]
-    items = [(_component(canonical_key(k, layout)), r.info.shape, r.info.dtype.name)
-             for k, r in ws.refs.items() if not IGNORED.search(k)]
-    out = {"path": str(path), "format": fmt, "files": [f.name for f in ws.files], "tensors": len(items),
-           "buffers": len(buffers), "bytes": ws.nbytes, **_summary(items)}
+    items = [
+        (_component(canonical_key(k, layout)), r.info.shape, r.info.dtype.name)
+        for k, r in ws.refs.items()
+        if not IGNORED.search(k)
+    ]
+    out = {
+        "path": str(path),
+        "format": fmt,
+        "files": [f.name for f in ws.files],
+        "tensors": len(items),
+        "buffers": len(buffers),
+        "bytes": ws.nbytes,
+        **_summary(items),
+    }
     if fmt != "llama":
         try:
             src = open_source(path, fmt)

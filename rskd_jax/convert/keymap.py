@@ -1,9 +1,10 @@
 """The one HF <-> rskd_jax key map: table rows, per-key transforms, and the key layouts of every source.
 
-Every tensor is named by its *canonical* HF key, the transformers 5.x in-memory `LlavaForConditionalGeneration`
-layout (`model.vision_tower.*` without `vision_model.`, `model.multi_modal_projector.linear_{1,2}.*`,
-`model.language_model.*`, `lm_head.weight`). Source layouts are mapped onto it by regex rules (`RULES`); export
-maps it onto the 4.x llava-hf layout (`export_key`), which transformers 4.57 and 5.x both load.
+Every tensor is named by its *canonical* HF key, the transformers 5.x in-memory
+`LlavaForConditionalGeneration` layout (`model.vision_tower.*` without `vision_model.`,
+`model.multi_modal_projector.linear_{1,2}.*`, `model.language_model.*`, `lm_head.weight`). Source layouts are
+mapped onto it by regex rules (`RULES`); export maps it onto the 4.x llava-hf layout (`export_key`), which
+transformers 4.57 and 5.x both load.
 
 A table row is (HF key suffix, our param path, transform). `entries(cfg)` expands the rows for a config into
 one `Entry` per tensor: for scanned layers (`cfg.scan_layers`) the layer index is a slice of a stacked param,
@@ -97,8 +98,12 @@ RULES = {"hf-llava": _HF, "llava": _ORIGINAL, "clip": _CLIP, "llama": _LLAMA, "p
 # Keys a layout may hold that the model has no use for (a full CLIPModel's text half).
 EXTRAS = {"clip": re.compile(r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale$)")}
 
-_EXPORT = [(VISION, "vision_tower.vision_model."), (PROJECTOR, "multi_modal_projector."),
-           (LLM, "language_model.model."), ("lm_head.", "language_model.lm_head.")]
+_EXPORT = [
+    (VISION, "vision_tower.vision_model."),
+    (PROJECTOR, "multi_modal_projector."),
+    (LLM, "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+]
 
 
 def canonical_key(key: str, layout: str) -> str | None:
@@ -110,10 +115,10 @@ def canonical_key(key: str, layout: str) -> str | None:
 
 
 def export_key(canonical: str) -> str:
-    """Canonical key -> the 4.x llava-hf on-disk key (`vision_tower.vision_model.*`, `language_model.model.*`)."""
+    """Canonical key -> 4.x llava-hf on-disk key (`vision_tower.vision_model.*`, `language_model.model.*`)."""
     for old, new in _EXPORT:
         if canonical.startswith(old):
-            return new + canonical[len(old):]
+            return new + canonical[len(old) :]
     raise KeyError(f"no export name for {canonical!r}")
 
 
@@ -151,7 +156,7 @@ def entries(cfg) -> list[Entry]:
 
 
 def lora_entries(weight_entry: Entry, module_key: str) -> tuple[Entry, Entry]:
-    """Entries of a kept LoRA pair: PEFT lora_A [r, in] -> lora_a [in, r]; lora_B [out, r] -> lora_b [r, out]."""
+    """A kept LoRA pair: PEFT lora_A [r, in] -> lora_a [in, r]; lora_B [out, r] -> lora_b [r, out]."""
     base = weight_entry.param[:-1]
     return (
         Entry(module_key + ".lora_A.weight", (*base, "lora_a"), weight_entry.layer, "linear"),

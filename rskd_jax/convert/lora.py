@@ -46,11 +46,17 @@ def open_lora(path: str | pathlib.Path, layout: str) -> LoraAdapter:
     c = read_json(cfg_file)
     unsupported = [
         f"{k}={c[k]!r}"
-        for k, ok in (("peft_type", lambda v: v in (None, "LORA")), ("use_dora", lambda v: not v),
-                      ("rank_pattern", lambda v: not v), ("alpha_pattern", lambda v: not v),
-                      ("fan_in_fan_out", lambda v: not v), ("lora_bias", lambda v: not v),
-                      ("layer_replication", lambda v: not v), ("target_parameters", lambda v: not v),
-                      ("trainable_token_indices", lambda v: not v))
+        for k, ok in (
+            ("peft_type", lambda v: v in (None, "LORA")),
+            ("use_dora", lambda v: not v),
+            ("rank_pattern", lambda v: not v),
+            ("alpha_pattern", lambda v: not v),
+            ("fan_in_fan_out", lambda v: not v),
+            ("lora_bias", lambda v: not v),
+            ("layer_replication", lambda v: not v),
+            ("target_parameters", lambda v: not v),
+            ("trainable_token_indices", lambda v: not v),
+        )
         if k in c and not ok(c[k])
     ]
     if unsupported:
@@ -97,5 +103,6 @@ def open_lora(path: str | pathlib.Path, layout: str) -> LoraAdapter:
         )
     pairs = {w: (h["A"], h["B"]) for w, h in halves.items()}
     modules = {w: w[: -len(".weight")] for w in pairs}
-    return LoraAdapter(path, rank, alpha, scale, float(c.get("lora_dropout", 0.0)), pairs, modules,
-                       overrides, origin)
+    return LoraAdapter(
+        path, rank, alpha, scale, float(c.get("lora_dropout", 0.0)), pairs, modules, overrides, origin
+    )

@@ -75,12 +75,15 @@ def detect_format(src: pathlib.Path, config: dict, keys: list[str]) -> str:
         config.get("model_type") == "llava" and "vision_config" in config
     ):
         return "hf-llava"
-    if config.get("model_type") == "llama" or (keys and all(re.match(r"^(model\.|lm_head\.)", k) for k in keys)):
+    if config.get("model_type") == "llama" or (
+        keys and all(re.match(r"^(model\.|lm_head\.)", k) for k in keys)
+    ):
         return "llama"
     head = ", ".join(sorted(keys)[:5])
     raise ConversionError(
         f"{src}: unknown checkpoint format (config model_type={config.get('model_type')!r}, architectures="
-        f"{config.get('architectures')!r}; first tensors: {head or 'none'}). Expected an HF Llava, an original "
+        f"{config.get('architectures')!r}; first tensors: {head or 'none'}). Expected an HF Llava, an "
+        "original "
         "LLaVA/GeoChat or a LLaMA directory (with --format parts)"
     )
 
@@ -93,7 +96,7 @@ def open_source(
     mm_projector: str | pathlib.Path | None = None,
     image_size: int | None = None,
 ) -> Source:
-    """Opens SRC (+ parts) and returns its Source. Raises ConversionError for anything unreadable or unknown."""
+    """Opens SRC (+ parts) and returns its Source. Raises ConversionError for anything unreadable."""
     src = pathlib.Path(src)
     if fmt not in FORMATS:
         raise ConversionError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
@@ -102,7 +105,9 @@ def open_source(
     if is_checkpoint(src):
         raise ConversionError(f"{src}: already an rskd-jax checkpoint (load it with load_pretrained)")
     if (src / "adapter_config.json").is_file():
-        raise ConversionError(f"{src}: a LoRA adapter; give the base model as SRC and the adapter with --lora")
+        raise ConversionError(
+            f"{src}: a LoRA adapter; give the base model as SRC and the adapter with --lora"
+        )
     config = hfconfig.read_json(src / "config.json") if (src / "config.json").is_file() else {}
     main = WeightSet(src)
     detected = detect_format(src, config, list(main.refs))
@@ -111,11 +116,14 @@ def open_source(
         if fmt == "llama":
             if vision_tower is None or mm_projector is None:
                 raise ConversionError(
-                    f"{src}: a plain LLaMA checkpoint; convert it with --format parts, --vision-tower CLIP_DIR "
+                    f"{src}: a plain LLaMA checkpoint; convert it with --format parts, "
+                    "--vision-tower CLIP_DIR "
                     "and --mm-projector mm_projector.bin"
                 )
             fmt = "parts"
-    elif {fmt, detected} not in ({"llava", "geochat"}, {fmt}) and not (fmt == "parts" and detected == "llama"):
+    elif {fmt, detected} not in ({"llava", "geochat"}, {fmt}) and not (
+        fmt == "parts" and detected == "llama"
+    ):
         raise ConversionError(f"{src}: --format {fmt} given, but the checkpoint looks like {detected}")
     where = str(src / "config.json")
     layout = {"hf-llava": "hf-llava", "llava": "llava", "geochat": "llava", "parts": "llama"}[fmt]
@@ -133,7 +141,11 @@ def open_source(
             raise ConversionError("--format parts needs --vision-tower CLIP_DIR and --mm-projector FILE")
         proj = pathlib.Path(mm_projector)
         proj_file = proj / "mm_projector.bin" if proj.is_dir() else proj
-        mm_cfg = hfconfig.read_json(proj / "config.json") if proj.is_dir() and (proj / "config.json").is_file() else {}
+        mm_cfg = (
+            hfconfig.read_json(proj / "config.json")
+            if proj.is_dir() and (proj / "config.json").is_file()
+            else {}
+        )
         _collect(WeightSet(proj_file), "projector", out)
         kind = "mlp2x_gelu" if PROJECTOR + "linear_2.weight" in out.refs else "linear"
         config = {**config, **{k: v for k, v in mm_cfg.items() if k.startswith("mm_")}}
@@ -150,7 +162,7 @@ def open_source(
             if not shapes:
                 raise ConversionError(
                     f"{src}: the checkpoint has no vision tower weights; pass --vision-tower CLIP_DIR "
-                    f"(e.g. openai/clip-vit-large-patch14-336{', as named by mm_vision_tower' if config.get('mm_vision_tower') else ''})"
+                    f"(e.g. {config.get('mm_vision_tower') or 'openai/clip-vit-large-patch14-336'})"
                 )
             vision_cfg = hfconfig.vision_from_shapes(shapes, VISION, str(src))
         cfg = hfconfig.original_llava_config(config, vision_cfg, config.get("vocab_size", 32000), where)
@@ -158,7 +170,9 @@ def open_source(
         image_size = GEOCHAT_IMAGE_SIZE
     if image_size is not None:
         if image_size % cfg.vision.patch_size:
-            raise ConversionError(f"--image-size {image_size} is not a multiple of the patch size {cfg.vision.patch_size}")
+            raise ConversionError(
+                f"--image-size {image_size} is not a multiple of the patch size {cfg.vision.patch_size}"
+            )
         cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=image_size))
     out.cfg = cfg
     return out

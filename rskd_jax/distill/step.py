@@ -147,6 +147,13 @@ class StepSpec:
         return self.w("fkl") > 0 or any(self.w(k) > 0 for k in ("feat_image", "feat_text", "feat_proj"))
 
 
+def sft_spec(config, model_cfg) -> StepSpec:
+    """Cross-entropy on the answer tokens only (teacher / baseline-student fine-tuning)."""
+    return StepSpec(weights=dict(sft=1.0), sampling=None, grad_accum=config.optim.get("grad_accum", 1),
+                    chunk_size=config.loss.get("chunk_size", 128), eos_id=model_cfg.eos_token_id,
+                    pad_id=model_cfg.pad_token_id, image_token_id=model_cfg.image_token_id)
+
+
 def spec_from_config(cfg, model_cfg) -> StepSpec:
     lo, sa = cfg.loss, cfg.sampling
     return StepSpec(
@@ -265,6 +272,13 @@ def frozen_model(model):
     return nnx.merge(graphdef, jax.lax.stop_gradient(state))
 
 
+def maps_for_spec(spec: StepSpec, student_cfg, teacher_cfg, rngs) -> dict:
+    """The feature maps a step spec needs (one per aligned layer, + one for projected image tokens)."""
+    feat = spec.w("feat_image") + spec.w("feat_text") > 0
+    return feature_maps_for(spec.feature_layers if feat else (), student_cfg, teacher_cfg, rngs,
+                            with_proj=spec.w("feat_proj") > 0)
+
+
 def feature_maps_for(spec_layers, student_cfg, teacher_cfg, rngs, with_proj: bool) -> dict:
     """One learned linear map per aligned hidden layer (+ one for projected image tokens) when widths differ."""
     ds, dt = student_cfg.text.hidden_size, teacher_cfg.text.hidden_size
@@ -330,6 +344,24 @@ def make_train_step(student: DistillStudent, teacher, spec: StepSpec, tx: optax.
     step = jax.jit(step_fn, in_shardings=(sh["state"], sh["frozen"], sh["teacher"], sh["batch"]),
                    out_shardings=(sh["state"], sh["replicated"]), **donate_kw)
     return init, step, parts
+
+
+def make_distill_step(config, mesh, student, teacher, *, maps=None, donate: bool = True):
+    """The step a `configs/distill.py` config describes: `(init, step, parts)` as in `make_train_step`.
+
+    `student` is the student LlavaModel, `teacher` the frozen teacher; `maps` the feature maps (default: built from
+    the config's feature layers when the widths differ)."""
+    spec = spec_from_config(config, student.cfg)
+    if maps is None:
+        maps = maps_for_spec(spec, student.cfg, teacher.cfg, nnx.Rngs(config.seed + 7))
+    return make_train_step(DistillStudent(student, maps), teacher, spec, make_optimizer(config.optim),
+                           config.trainable, mesh=mesh, donate=donate)
+
+
+def make_sft_step(config, mesh, model, *, trainable: str | None = None, donate: bool = True):
+    """Supervised fine-tuning (teacher or baseline student): cross-entropy on the answer tokens only."""
+    return make_train_step(DistillStudent(model), None, sft_spec(config, model.cfg), make_optimizer(config.optim),
+                           trainable or config.trainable, mesh=mesh, donate=donate)
 
 
 def _accumulate(grad_fn, params, fz, ts, batch, rng, k):

@@ -75,7 +75,7 @@ class Generator:
             return r.tokens, r.lengths
 
         self._run = run
-        self.compiled_shapes: set[tuple[int, int]] = set()  # (batch, prompt width) of each compile
+        self.compiled_shapes: set[tuple[int, int]] = set()  # (batch, prompt width) run: one compile each
 
     def width(self, prompt_mask: np.ndarray) -> int:
         """Prompt width for a batch: its longest prompt rounded up to the bucket, at most the full width."""

@@ -67,10 +67,11 @@ def fit(*, workdir, model, teacher, spec: S.StepSpec, optim_cfg, trainable: str,
         if teacher is not None:
             rules.shard_model(teacher, mesh)
     tx = S.make_optimizer(optim_cfg)
-    init_fn, step_fn, parts = S.make_train_step(student, teacher, spec, tx, trainable)
+    with jax.set_mesh(mesh):
+        init_fn, step_fn, parts = S.make_train_step(student, teacher, spec, tx, trainable, mesh=mesh)
     teacher_fp = fingerprint(parts["teacher"]) if teacher is not None else None
     with jax.set_mesh(mesh):
-        state = jax.jit(init_fn)(parts["params"], jax.random.key(seed))
+        state = init_fn(parts["params"], jax.random.key(seed))
     frozen, t_state = parts["frozen"], parts["teacher"]
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts["params"]))
     log.info("[%s] %d trainable parameters (%s)", name, n_train, trainable)

@@ -132,11 +132,6 @@ def dataset_for(ctx: Context, cfg, seed: int):
 
 
 # ----------------------------------------------------------------------------------------------- stages
-def sft_spec(cfg) -> S.StepSpec:
-    return S.StepSpec(weights=dict(sft=1.0), sampling=None, eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id,
-                      image_token_id=cfg.image_token_id)
-
-
 def _fit_common(ctx: Context):
     c = ctx.config
     return dict(mesh=ctx.mesh, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep_checkpoints,
@@ -151,7 +146,7 @@ def sft_stage(ctx: Context, name: str, mc, seed: int):
         return model
     optim = ctx.config.optim.copy_and_resolve_references()
     optim.update(lr=mc.lr, total_steps=mc.sft_steps, warmup_steps=min(optim.warmup_steps, mc.sft_steps // 10))
-    res = loop.fit(workdir=ctx.workdir / name, model=model, teacher=None, spec=sft_spec(model.cfg),
+    res = loop.fit(workdir=ctx.workdir / name, model=model, teacher=None, spec=S.sft_spec(ctx.config, model.cfg),
                    optim_cfg=optim, trainable=mc.get("trainable", "all+vision"), total_steps=mc.sft_steps,
                    dataset=dataset_for(ctx, model.cfg, seed), seed=seed, name=name, **_fit_common(ctx))
     if res.preempted:
@@ -162,9 +157,7 @@ def sft_stage(ctx: Context, name: str, mc, seed: int):
 def distill_stage(ctx: Context, student, teacher):
     c = ctx.config
     spec = S.spec_from_config(c, student.cfg)
-    feat = spec.w("feat_image") + spec.w("feat_text") > 0
-    maps = S.feature_maps_for(spec.feature_layers if feat else (), student.cfg, teacher.cfg, nnx.Rngs(c.seed + 7),
-                              with_proj=spec.w("feat_proj") > 0)
+    maps = S.maps_for_spec(spec, student.cfg, teacher.cfg, nnx.Rngs(c.seed + 7))
     if c.trainable == "lora":
         from rskd_jax.models import LoRAConfig, apply_lora  # noqa: PLC0415
         apply_lora(student, LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,

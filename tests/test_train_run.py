@@ -1,5 +1,6 @@
-"""Operations of `launch/train.py`: SIGTERM -> save + exit 0, SIGKILL -> resume from the last checkpoint, a corrupt
-newest checkpoint -> fall back to the previous one; the resumed run ends bitwise equal to an uninterrupted run."""
+"""`launch/train.py` end to end on the `tiny` preset of the embedded demo (teacher SFT -> student SFT -> distillation
+-> evaluation report), and its operations: SIGTERM -> save + exit 0, SIGKILL -> resume from the last checkpoint, a
+corrupt newest checkpoint -> fall back to the previous one; the resumed run ends bitwise equal to an uninterrupted run."""
 import json
 import os
 import pathlib
@@ -16,9 +17,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def train(workdir, *flags, expect_rc=0):
+def train(workdir, *flags, expect_rc=0, stage="distill"):
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "distill.py") + ":tiny",
-           "--workdir", str(workdir), "--stage", "distill", *flags]
+           "--workdir", str(workdir), "--stage", stage, *flags]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == expect_rc, (out.returncode, out.stderr[-3000:])
@@ -34,9 +35,32 @@ def logged(workdir):
     return {r["step"]: r for r in map(json.loads, (workdir / "distill" / "metrics.jsonl").read_text().splitlines())}
 
 
-def test_kill_and_resume_is_exact(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    train(a)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted run of the whole tiny demo (all stages + report)."""
+    a = tmp_path_factory.mktemp("run") / "a"
+    log = train(a, stage="auto")
+    return a, log
+
+
+def test_demo_report(finished_run):
+    a, log = finished_run
+    md = (a / "report.md").read_text()
+    for heading in ("Scene classification", "VQA", "grounding", "Region captioning", "Parameters and FLOPs",
+                    "Divergence to the teacher"):
+        assert heading.lower() in md.lower(), heading
+    rep = json.loads((a / "report.json").read_text())
+    before, after = rep["divergence"]["student (before)"], rep["divergence"]["student (after)"]
+    # distillation moved the student towards the teacher on held-out data, on both measures
+    assert after["rkl_sampled"] < before["rkl_sampled"]
+    assert after["rkl_gt"] < before["rkl_gt"]
+    assert (a / "distill_curves.png").stat().st_size > 1000
+    assert set(rep["curves"]) >= {"loss/rkl", "loss/pg", "loss/total", "rollout/rev_kl_k3"}
+
+
+def test_kill_and_resume_is_exact(finished_run, tmp_path):
+    a, _ = finished_run
+    b = tmp_path / "b"
     # the same run, interrupted: reuse the finished teacher / student stages and tokenizer
     b.mkdir()
     for d in ("tokenizer", "teacher", "student_sft"):
