@@ -33,6 +33,8 @@ EXTRAS = {
         "pytest",
         "pytest-xdist",
         "torch==2.13.0",
+        "peft==0.21.2",  # reference for LoRA merging (tests)
+        "accelerate==1.15.0",
         "nbclient",
         "nbformat",
         "ipykernel",

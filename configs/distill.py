@@ -38,6 +38,7 @@ def get_config(arg=None):
     c.max_nonfinite_in_a_row = 5
     c.debug = ml_collections.ConfigDict(dict(kill_stage="", kill_at_step=-1, kill_signal="SIGKILL"))  # tests
     c.trainable = "all"  # all | all+vision | lora | regex on parameter paths (e.g. "model/projector/.*")
+    c.export_student = True  # write workdir/student_hf (transformers LlavaForConditionalGeneration) at the end
     c.shared_vision = False  # True when teacher and student share the same frozen CLIP tower (GeoChat 7B/13B)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 = all remaining devices
 

@@ -44,6 +44,14 @@ def test_truncated_safetensors(tmp_path, model):
     assert str(f) in msg
 
 
+def test_truncated_bin(tmp_path, model):
+    save_sharded(state_dict(model), tmp_path / "src", "bin", per_shard=50)
+    model.config.save_pretrained(tmp_path / "src")
+    f = tmp_path / "src" / "pytorch_model-00002-of-00002.bin"
+    f.write_bytes(f.read_bytes()[:-5000])
+    assert str(f) in convert_fails(tmp_path, "cannot read this torch checkpoint")
+
+
 def test_wrong_shapes_missing_and_unexpected_keys(tmp_path, model):
     sd = state_dict(model)
     sd["model.language_model.layers.1.mlp.up_proj.weight"] = torch.zeros(80, 64)  # config says 96 x 64

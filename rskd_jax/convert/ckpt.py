@@ -27,7 +27,7 @@ from rskd_jax.convert.errors import ConversionError
 from rskd_jax.convert.keymap import path_name, row_blocks
 
 CHUNK_BYTES = 32 * 2**20  # zarr chunk = conversion block (bench/convert.py: memory vs speed)
-INFLIGHT_BYTES = 96 * 2**20  # blocks handed to tensorstore and not yet written
+INFLIGHT_BYTES = 64 * 2**20  # blocks handed to tensorstore and not yet written
 CONFIG, PROVENANCE, STATE = "config.json", "convert.json", "state"
 
 

@@ -117,8 +117,7 @@ def open_source(
             if vision_tower is None or mm_projector is None:
                 raise ConversionError(
                     f"{src}: a plain LLaMA checkpoint; convert it with --format parts, "
-                    "--vision-tower CLIP_DIR "
-                    "and --mm-projector mm_projector.bin"
+                    "--vision-tower CLIP_DIR and --mm-projector mm_projector.bin"
                 )
             fmt = "parts"
     elif {fmt, detected} not in ({"llava", "geochat"}, {fmt}) and not (

@@ -170,6 +170,31 @@ def distill_stage(ctx: Context, student, teacher):
     return res
 
 
+def sft_only(ctx: Context):
+    """configs/sft.py: fine-tune `config.model`, then evaluate it (report.md / report.json)."""
+    c = ctx.config
+    model = sft_stage(ctx, "sft", c.model, c.seed)
+    if ctx.eval_source is None:
+        return None
+    from rskd_jax.eval import report, runner  # noqa: PLC0415
+    res = runner.evaluate(model, ctx.tokenizer_dir, {"rs-synth": ctx.eval_source}, tasks=tuple(c.eval.tasks),
+                          batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
+                          limit=c.eval.limit or None, out_dir=ctx.workdir / "eval", meteor=False, model_name="model",
+                          max_prompt_len=c.data.prompt_len, progress=False)
+    report.write_report({"model": res}, ctx.workdir, name="report", title="rs-synth: fine-tuned model")
+    return res
+
+
+def export_student(ctx: Context, model):
+    """The distilled student (LoRA merged, feature maps dropped) as a transformers-loadable LLaVA directory."""
+    from rskd_jax.convert import export_model  # noqa: PLC0415
+    from rskd_jax.models import merge_lora  # noqa: PLC0415
+    dst = ctx.workdir / "student_hf"
+    model = merge_lora(copy_model(model))
+    export_model(model, model.cfg, dst, tokenizer_dir=ctx.tokenizer_dir, overwrite=True)
+    log.info("distilled student exported (Hugging Face LlavaForConditionalGeneration format): %s", dst)
+
+
 def copy_model(model):
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state))
@@ -182,6 +207,8 @@ def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes
     ctx = prepare(config, workdir)
     c = config
     log.info("workdir %s, mesh %s, %d devices", ctx.workdir, dict(ctx.mesh.shape), jax.device_count())
+    if c.get("mode") == "sft":
+        return sft_only(ctx)
     teacher = sft_stage(ctx, "teacher", c.teacher, c.seed)
     if stage == "teacher":
         return None
@@ -192,6 +219,8 @@ def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes
     if stage in ("auto", "distill", "eval"):
         res = distill_stage(ctx, copy_model(student_before), teacher)
         student_after = res.model
+    if c.get("export_student", True) and jax.process_count() == 1:
+        export_student(ctx, student_after)
     if stage == "distill":
         return None
     report = None
