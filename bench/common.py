@@ -55,8 +55,8 @@ def _pair(vision: VisionConfig, vocab: int, teacher: tuple, student: tuple, dtyp
     """MHA text configs from (hidden, layers, heads, mlp); image placeholder = the last vocabulary id."""
     text = lambda h, n, a, m: TextConfig(vocab_size=vocab, hidden_size=h, intermediate_size=m, num_layers=n,
                                          num_heads=a, num_kv_heads=a, max_position_embeddings=4096)
-    make = lambda t: LlavaConfig(vision=vision, text=text(*t), vision_feature_layer=-2, select_strategy="patch",
-                                 image_token_id=vocab - 1, dtype=dtype, **kw)
+    make = lambda t: LlavaConfig(vision=vision, text=text(*t), vision_feature_layer=-2,
+                                 select_strategy="patch", image_token_id=vocab - 1, dtype=dtype, **kw)
     return make(teacher), make(student)
 
 
@@ -198,7 +198,8 @@ def machine() -> dict:
         import torch
         import transformers
 
-        out.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads())
+        out.update(torch=torch.__version__, transformers=transformers.__version__,
+                   torch_threads=torch.get_num_threads())
     except ImportError:
         pass
     return out
@@ -236,7 +237,7 @@ def write_result(name: str, result: dict, out: str | None = None) -> pathlib.Pat
 def parser(doc: str) -> argparse.ArgumentParser:
     """The flags every bench script shares."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny config, 1 warm-up + 2 timed runs (used by the test)")
+    p.add_argument("--quick", action="store_true", help="tiny config, one timed run (the test's mode)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", default=None, help="JSON path (default bench/results/<name>.json)")

@@ -1,4 +1,4 @@
-"""One script for a lent GPU: MFU of the distillation step (~1B student / ~2B teacher, bf16) and rollout tokens/s.
+"""For a lent GPU: MFU of the distillation step (~1B student / ~2B teacher, bf16) and rollout tokens/s.
 
 Models: CLIP-L/14 at 336 px (576 image tokens) + a LLaMA decoder; student text 2048 wide x 16 layers
 (~0.94B LLM parameters), teacher 2560 x 24 (~2.07B), vocabulary 32000; bf16 compute, the student's weights
@@ -79,8 +79,8 @@ def measure(bc: C.BenchConfig, *, new_tokens: int, warmup: int, reps: int) -> di
     sample_c = sample.lower(student, teacher, *j_in, jax.random.key(0)).compile()
     rollout_compile_s = time.perf_counter() - t0
     keys = iter(jax.random.split(jax.random.key(1), 10**4))
-    roll = time_interleaved({"r": lambda: jax.block_until_ready(sample_c(student, teacher, *j_in, next(keys)))},
-                            warmup=max(warmup, 1), reps=reps)["r"]
+    roll_fn = lambda: jax.block_until_ready(sample_c(student, teacher, *j_in, next(keys)))
+    roll = time_interleaved({"r": roll_fn}, warmup=max(warmup, 1), reps=reps)["r"]
     built = make_jax_step(bc.teacher, bc.student, teacher, student, batch)
     run = OursRunner(built)
     t0 = time.perf_counter()
@@ -136,7 +136,8 @@ def main():
                                params=params, results=row, step_flops=flops, peak_flops=peak,
                                matmul_ceiling_flops=ceiling, step_times_s=m["step"]["times_s"],
                                rollout_times_s=m["rollout"]["times_s"], loss_total=m["loss_total"],
-                               times=m["times"], attention_fallback=fallback, warmup=warmup, reps=reps), a.out)
+                               times=m["times"], attention_fallback=fallback, warmup=warmup, reps=reps),
+                   a.out)
 
 
 if __name__ == "__main__":

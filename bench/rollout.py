@@ -87,7 +87,8 @@ def run_config(bc: C.BenchConfig, *, new_tokens: int, warmup: int, reps: int, th
             sfx = f"_{n}t"
             fns["generate" + sfx] = with_threads(lambda: hf_s.generate(
                 input_ids=ids, pixel_values=pixels, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, suppress_tokens=[img], pad_token_id=pad), n)
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, suppress_tokens=[img],
+                pad_token_id=pad), n)
             fns["minillm" + sfx] = with_threads(lambda: torch_ref.mixed_sample(
                 hf_s, hf_t, ids, mask, pixels, max_new_tokens=new_tokens, alpha=ALPHA, image_token_id=img,
                 generator=gen), n)
@@ -112,9 +113,10 @@ def run_config(bc: C.BenchConfig, *, new_tokens: int, warmup: int, reps: int, th
     times = time_interleaved(fns, warmup=warmup, reps=reps)
     tokens = bc.batch * new_tokens
     rows = {k: dict(impl=k, rollout_ms=1e3 * t["median_s"], tokens_per_s=tokens / t["median_s"],
-                    ms_per_step=1e3 * t["median_s"] / new_tokens, times_s=t["times_s"]) for k, t in times.items()}
-    best = lambda prefix: min((r for k, r in rows.items() if k.startswith(prefix)), key=lambda r: r["rollout_ms"],
-                              default=None)
+                    ms_per_step=1e3 * t["median_s"] / new_tokens, times_s=t["times_s"])
+            for k, t in times.items()}
+    best = lambda prefix: min((r for k, r in rows.items() if k.startswith(prefix)),
+                              key=lambda r: r["rollout_ms"], default=None)
     ratios = {}
     for prefix in ("generate", "minillm"):
         if best(prefix):

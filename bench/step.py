@@ -75,23 +75,23 @@ def step_flops(bc: C.BenchConfig, *, logits: str, vision_layers: str) -> int:
 
 # ----------------------------------------------------------------------------------------------- our step
 def fixed_sampler(response: np.ndarray):
-    """Stands in for rollout.sample inside the step: the fixed pre-sampled response (a constant), all valid."""
+    """Stands in for rollout.sample inside the step: the fixed pre-sampled response (a constant)."""
     tokens = np.asarray(response, np.int32)
 
     def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg, **_):
         b, r = tokens.shape
         zeros = jnp.zeros((b, r), jnp.float32)
-        return R.Rollout(tokens=jnp.asarray(tokens), mask=jnp.ones((b, r), jnp.float32), student_logprobs=zeros,
-                         teacher_logprobs=zeros, weights=jnp.ones((b, r), jnp.float32),
-                         lengths=jnp.full((b,), r, jnp.int32))
+        return R.Rollout(tokens=jnp.asarray(tokens), mask=jnp.ones((b, r), jnp.float32),
+                         student_logprobs=zeros, teacher_logprobs=zeros,
+                         weights=jnp.ones((b, r), jnp.float32), lengths=jnp.full((b,), r, jnp.int32))
 
     return sample
 
 
 def make_jax_step(tcfg, scfg, teacher, student, batch: dict, *, maps_from=None, compile: bool = True) -> dict:
     """Our step (make_train_step, StepSpec {rkl, feat_image, feat_text}, fixed response) for the given models:
-    lowered (and compiled). Returns the lowered and compiled step, the initial state, the inputs and the trace /
-    compile times."""
+    lowered (and compiled). Returns the lowered and compiled step, the initial state, the inputs and the
+    trace / compile times."""
     spec = S.StepSpec(weights=WEIGHTS, sampling=R.SamplingConfig(max_new_tokens=batch["response"].shape[1],
                                                                  alpha=0.2),
                       feature_layers=((-1, -1),), eos_id=scfg.eos_token_id, pad_id=scfg.pad_token_id,
@@ -110,8 +110,9 @@ def make_jax_step(tcfg, scfg, teacher, student, batch: dict, *, maps_from=None, 
         t2 = time.perf_counter()
         compiled = lowered.compile() if compile else None
     t3 = time.perf_counter()
-    return dict(lowered=lowered, compiled=compiled, state=state, frozen=parts["frozen"], teacher=parts["teacher"],
-                inputs=inputs, map_kernel=np.asarray(maps["layer0"].linear.kernel[...]),
+    return dict(lowered=lowered, compiled=compiled, state=state, frozen=parts["frozen"],
+                teacher=parts["teacher"], inputs=inputs,
+                map_kernel=np.asarray(maps["layer0"].linear.kernel[...]),
                 times=dict(trace_lower_s=t2 - t1, compile_s=t3 - t2))
 
 
@@ -173,8 +174,8 @@ def run_config(bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int],
     with torch.no_grad():
         fmap.weight.copy_(torch.from_numpy(np.array(ours["map_kernel"].T)))
     kinds = ("all", "answer") if lean else ("all",)
-    peers = {k: torch_ref.TorchDistillStep(hf_s, hf_t, fmap, lr=LR, logits=k, image_token_id=bc.student.image_token_id)
-             for k in kinds}
+    peers = {k: torch_ref.TorchDistillStep(hf_s, hf_t, fmap, lr=LR, logits=k,
+                                           image_token_id=bc.student.image_token_id) for k in kinds}
     # loss check at the initial weights (before any update): the same numbers on both sides
     with torch.no_grad():
         torch_terms = {k: {n: v.item() for n, v in p.loss(tb)[1].items()} for k, p in peers.items()}
@@ -279,7 +280,8 @@ def main():
             r["executed_pct_of_ceiling"] = 100 * r["executed_gflops"] / peak
             out.append(dict(config=res["config"], **{k: v for k, v in r.items() if k != "times_s"}))
     fmt = lambda c: ", ".join(f"{k} {v:.1f}" for k, v in c.items())
-    print(f"\nfp32 matmul ceiling n={n} (GFLOP/s): before [{fmt(ceiling_before)}], after [{fmt(ceiling_after)}]")
+    print(f"\nfp32 matmul ceiling n={n} (GFLOP/s): before [{fmt(ceiling_before)}], "
+          f"after [{fmt(ceiling_after)}]")
     print(C.table(out, ["config", "impl", "step_ms", "tokens_per_s", "model_gflops", "executed_gflops",
                         "executed_pct_of_ceiling"]))
     for res in results:
@@ -290,7 +292,8 @@ def main():
     machine = C.machine()
     machine["loadavg_1m_before"] = load_before
     C.write_result("step", dict(name="step", quick=a.quick, command=" ".join(sys.argv), machine=machine,
-                                matmul_ceiling_gflops=dict(before=ceiling_before, after=ceiling_after, peak=peak),
+                                matmul_ceiling_gflops=dict(before=ceiling_before, after=ceiling_after,
+                                                           peak=peak),
                                 torch_threads=threads, warmup=warmup, reps=reps, configs=results), a.out)
 
 

@@ -8,7 +8,7 @@ fixed (pre-sampled) response:
   2. ground-truth view: teacher and student forward over the GT conversation; feature alignment
      1 - cos(W h_s, h_t) of the final (post-norm) hidden states, image tokens and answer tokens averaged
      separately, through a learned linear map W (student -> teacher width);
-  3. clip-by-global-norm 1.0 + AdamW (betas 0.9 / 0.95, eps 1e-8) over the student (vision tower frozen) and W.
+  3. clip-by-global-norm 1.0 + AdamW (betas 0.9 / 0.95, eps 1e-8) over the student (vision frozen) and W.
 `logits="all"` computes the LM head at every position (what `model(...).logits` gives, as MiniLLM's code
 does); `logits="answer"` only at the positions the loss reads (the lean variant, same work as ours).
 
@@ -38,8 +38,8 @@ def hidden(model, ids, mask, pixels) -> torch.Tensor:
 class TorchDistillStep:
     """One optimizer step of reverse KL + feature alignment; see the module docstring."""
 
-    def __init__(self, student, teacher, feature_map: torch.nn.Linear, *, lr: float = 1e-4, logits: str = "all",
-                 image_token_id: int):
+    def __init__(self, student, teacher, feature_map: torch.nn.Linear, *, lr: float = 1e-4,
+                 logits: str = "all", image_token_id: int):
         if logits not in ("all", "answer"):
             raise ValueError(f"logits={logits!r}: expected 'all' or 'answer'")
         self.student, self.teacher, self.map = student.train(), teacher.eval(), feature_map
@@ -90,8 +90,8 @@ class TorchDistillStep:
 
 
 @torch.no_grad()
-def mixed_sample(student, teacher, ids, mask, pixels, *, max_new_tokens: int, alpha: float, image_token_id: int,
-                 generator: torch.Generator | None = None) -> dict:
+def mixed_sample(student, teacher, ids, mask, pixels, *, max_new_tokens: int, alpha: float,
+                 image_token_id: int, generator: torch.Generator | None = None) -> dict:
     """MiniLLM teacher-mixed sampling (temperature 1, no top-k/top-p), fixed length (no EOS stop).
 
     Returns tokens [B, N], the student / teacher log-probs of the drawn tokens and the importance weights
@@ -99,8 +99,8 @@ def mixed_sample(student, teacher, ids, mask, pixels, *, max_new_tokens: int, al
     """
     def step(model, out, tok, mask):
         if out is None:  # prefill: image + prompt, logits at the last position only
-            return model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions(mask),
-                         use_cache=True, logits_to_keep=1)
+            return model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                         position_ids=positions(mask), use_cache=True, logits_to_keep=1)
         pos = mask.long().sum(1, keepdim=True) - 1
         return model(input_ids=tok, attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
 
@@ -124,7 +124,7 @@ def mixed_sample(student, teacher, ids, mask, pixels, *, max_new_tokens: int, al
     return dict(tokens=cat(toks), student_logprobs=cat(lqs), teacher_logprobs=cat(lps), weights=cat(ws))
 
 
-# ----------------------------------------------------------------------------------------------- FLOP counting
+# ------------------------------------------------------------------------------------------------ FLOP counts
 def _cpu_flash(q, k, v, *args, out_shape=None, **kw):
     return flop_counter.sdpa_flop_count(q, k, v)
 

@@ -1,4 +1,4 @@
-"""Every bench script runs in `--quick` mode and writes the JSON its README promises (speed is never asserted).
+"""Every bench script runs with `--quick` and writes the JSON bench/README.md promises (speed never asserted).
 
 The scripts run as subprocesses, three at a time (compilation is mostly single-threaded), with XLA's CPU
 backend optimisation turned down (the numbers are not looked at, only the code paths). Besides the JSON keys,
@@ -16,7 +16,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import shared_data_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,8 +24,8 @@ TIMEOUT_S = 600
 
 
 def _run(name: str, out: pathlib.Path, data: pathlib.Path | None) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-               PYTHONWARNINGS="ignore")
+    fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    env = dict(os.environ, XLA_FLAGS=fast_compile, PYTHONWARNINGS="ignore")
     if data is not None:
         env["RSKD_SHARED_DATA"] = str(data)
     cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--out", str(out)]
@@ -39,7 +38,8 @@ def runs(tmp_path_factory):
     """All scripts, 3 concurrently; input.py only when the real UC Merced data is available."""
     tmp = tmp_path_factory.mktemp("bench")
     data = shared_data_dir()
-    names = [n for n in SCRIPTS if (ROOT / "bench" / f"{n}.py").exists() and (n != "input" or data is not None)]
+    names = [n for n in SCRIPTS
+             if (ROOT / "bench" / f"{n}.py").exists() and (n != "input" or data is not None)]
     with ThreadPoolExecutor(3) as pool:
         futures = {n: pool.submit(_run, n, tmp / f"{n}.json", data) for n in names}
         return {n: f.result() for n, f in futures.items()}

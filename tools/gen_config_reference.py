@@ -19,7 +19,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "config_reference.md"
-CONFIGS = ("distill", "eval")  # configs/<name>.py, in this order
+CONFIGS = ("distill", "sft", "eval")  # configs/<name>.py, in this order
+DESCRIBED_LIKE = {"sft": "distill"}  # sft.py builds on distill.py: shared keys share descriptions
 
 # One line per key (a key missing here shows its trailing comment in the config file, if any). Keep them short
 # and true; a key listed here that no preset has any more is an error (tests/test_docs.py).
@@ -109,6 +110,19 @@ DESCRIPTIONS = {
         "eval.max_new_tokens": "Greedy decoding length in the final report.",
         "eval.batch_size": "Evaluation batch size.",
     },
+    "sft": {
+        "preset": "Preset chosen by `:preset` (set for you).",
+        "mode": "`sft`: launch/train.py fine-tunes `model` alone (no teacher, no distillation), then "
+        "evaluates it.",
+        "model.preset": "Model preset of the fine-tuned model (see `teacher.preset` in configs/distill.py).",
+        "model.checkpoint": "Converted model directory (docs/convert.md); empty = random init.",
+        "model.sft_steps": "Fine-tuning steps.",
+        "model.lr": "Peak learning rate.",
+        "model.trainable": "all \\| all+vision \\| lora \\| regex on parameter paths.",
+        "model.vision": "VisionConfig fields replacing the preset's (random-init models only).",
+        "model.text": "TextConfig fields replacing the preset's (random-init models only).",
+        "model.overrides": "Other LlavaConfig fields, random-init models only.",
+    },
     "eval": {
         "preset": "Preset chosen by `:preset` (a task, `all`, `synth` or `params`).",
         "data_dir": "Dataset folder or jsonl (per preset: configs/eval.py docstring, docs/data.md).",
@@ -142,6 +156,13 @@ def presets_and_args(module) -> tuple[list[str], dict]:
     Presets are `module.PRESETS` when defined, else the strings `a.preset` is compared with in `get_config`.
     """
     tree = ast.parse(pathlib.Path(module.__file__).read_text())
+    literals = {}  # `name = <literal>` anywhere in the file (e.g. a dict of presets)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                literals[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
     args, found = {}, []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "parse_arg":
@@ -149,7 +170,12 @@ def presets_and_args(module) -> tuple[list[str], dict]:
         if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute)
                 and node.left.attr == "preset"):
             for comp in node.comparators:
-                value = ast.literal_eval(comp) if isinstance(comp, (ast.Constant, ast.Tuple)) else None
+                if isinstance(comp, ast.Name):
+                    value = literals.get(comp.id)
+                elif isinstance(comp, (ast.Constant, ast.Tuple)):
+                    value = ast.literal_eval(comp)
+                else:
+                    value = None
                 found += [value] if isinstance(value, str) else list(value or ())
     names = list(getattr(module, "PRESETS", ())) or list(dict.fromkeys(found))
     default = args.get("preset")
@@ -184,7 +210,7 @@ def describe(desc: dict, key: str) -> str:
     """The description of `key`; model size keys (`teacher.vision.hidden_size`, ...) share one pattern."""
     if key in desc:
         return desc[key]
-    m = re.fullmatch(r"(teacher|student)\.(vision|text)\.(\w+)", key)
+    m = re.fullmatch(r"(teacher|student|model)\.(vision|text)\.(\w+)", key)
     if m:
         return f"`{m.group(2).capitalize()}Config.{m.group(3)}` of the random-init {m.group(1)}."
     return ""
@@ -205,8 +231,10 @@ def section(name: str) -> str:
     presets, args = presets_and_args(module)
     values = {p: flatten(module.get_config(p).to_dict()) for p in presets}
     keys = list(dict.fromkeys(k for p in presets for k in values[p]))
-    comments = inline_comments(module)
-    desc = {**comments, **DESCRIPTIONS.get(name, {})}
+    desc = {}
+    for source in (DESCRIBED_LIKE.get(name), name):
+        if source:
+            desc.update({**inline_comments(load(source)), **DESCRIPTIONS.get(source, {})})
     default = presets[0]
     lines = [f"## `configs/{name}.py`", "",
              f"Presets: {', '.join(f'`{p}`' for p in presets)} (default `{default}`). "

@@ -8,6 +8,12 @@ class ConversionError(ValueError):
     """
 
 
+class MissingKeysError(ConversionError, KeyError):
+    """Required tensors absent from a state dict; also a KeyError, as a failed key lookup."""
+
+    __str__ = ConversionError.__str__  # not KeyError's repr-quoted message
+
+
 def listing(title: str, items, limit: int = 20) -> str:
     """'title (n): a; b; ... (+k more)' for an error message; '' when items is empty."""
     items = list(items)

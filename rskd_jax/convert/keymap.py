@@ -7,8 +7,9 @@ mapped onto it by regex rules (`RULES`); export maps it onto the 4.x llava-hf la
 transformers 4.57 and 5.x both load.
 
 A table row is (HF key suffix, our param path, transform). `entries(cfg)` expands the rows for a config into
-one `Entry` per tensor: for scanned layers (`cfg.scan_layers`) the layer index is a slice of a stacked param,
-otherwise it is part of the param path. The same entries run forwards (import) and backwards (export);
+one `Entry` per tensor (`vision_entries` / `text_entries`: the CLIP tower or the LLaMA decoder alone): for
+scanned layers (`cfg.scan_layers`) the layer index is a slice of a stacked param, otherwise it is part of the
+param path. The same entries run forwards (import) and backwards (export);
 transforms work on row blocks of our layout so that no step needs a whole large tensor twice.
 """
 
@@ -134,24 +135,34 @@ class Entry:
 
 def entries(cfg) -> list[Entry]:
     """All base-model tensors of a LlavaConfig (no LoRA), in table order."""
-    out: list[Entry] = []
-
-    def add(prefix, comp, top, layer_prefix, rows, n):
-        for hf, ours, t in top:
-            out.append(Entry(prefix + hf, (comp, *ours.split(".")), None, t))
-        for hf, ours, t in rows:
-            for i in range(n):
-                key = prefix + layer_prefix.format(i=i) + hf
-                if cfg.scan_layers:
-                    out.append(Entry(key, (comp, "layers", *ours.split(".")), i, t))
-                else:
-                    out.append(Entry(key, (comp, "layers", i, *ours.split(".")), None, t))
-
-    add(VISION, "vision", CLIP_TOP, "encoder.layers.{i}.", CLIP_LAYER, cfg.vision.num_layers)
     proj = PROJECTOR_ROWS if cfg.projector_type == "mlp2x_gelu" else PROJECTOR_ROWS[:2]
-    add(PROJECTOR, "projector", proj, "", [], 0)
-    add(LLM, "llm", LLAMA_TOP, "layers.{i}.", LLAMA_LAYER, cfg.text.num_layers)
-    out.append(Entry(LM_HEAD, ("llm", "lm_head", "kernel"), None, "linear"))
+    return [
+        *vision_entries(cfg.vision, cfg.scan_layers),
+        *_expand(PROJECTOR, ("projector",), proj, "", [], 0, False),
+        *text_entries(cfg.text, cfg.scan_layers),
+    ]
+
+
+def vision_entries(vision_cfg, scan: bool, root: tuple = ("vision",)) -> list[Entry]:
+    """The CLIP tower's tensors (a VisionConfig); params under `root` (() for a bare ClipVisionModel)."""
+    return _expand(VISION, root, CLIP_TOP, "encoder.layers.{i}.", CLIP_LAYER, vision_cfg.num_layers, scan)
+
+
+def text_entries(text_cfg, scan: bool, root: tuple = ("llm",)) -> list[Entry]:
+    """The LLaMA decoder's tensors incl. lm_head (a TextConfig); params under `root` (() for a LlamaModel)."""
+    rows = _expand(LLM, root, LLAMA_TOP, "layers.{i}.", LLAMA_LAYER, text_cfg.num_layers, scan)
+    return [*rows, Entry(LM_HEAD, (*root, "lm_head", "kernel"), None, "linear")]
+
+
+def _expand(prefix, root, top, layer_prefix, rows, n, scan) -> list[Entry]:
+    out = [Entry(prefix + hf, (*root, *ours.split(".")), None, t) for hf, ours, t in top]
+    for hf, ours, t in rows:
+        for i in range(n):
+            key = prefix + layer_prefix.format(i=i) + hf
+            if scan:
+                out.append(Entry(key, (*root, "layers", *ours.split(".")), i, t))
+            else:
+                out.append(Entry(key, (*root, "layers", i, *ours.split(".")), None, t))
     return out
 
 

@@ -1,7 +1,7 @@
 """In-memory state dicts <-> our parameter pure dict, through the same key table (keymap.entries).
 
-For small models and tests (`rskd_jax.models.from_torch` can delegate here): the whole state dict is in
-memory. Checkpoint files go through `import_checkpoint` / `export_checkpoint`, which stream.
+For small models and tests (`rskd_jax.models.from_torch` delegates here): the whole state dict is in memory.
+Checkpoint files go through `import_checkpoint` / `export_checkpoint`, which stream.
 """
 
 from __future__ import annotations
@@ -11,16 +11,47 @@ from collections.abc import Mapping
 import numpy as np
 
 from rskd_jax.convert import keymap
-from rskd_jax.convert.errors import ConversionError, listing
+from rskd_jax.convert.errors import ConversionError, MissingKeysError, listing
 from rskd_jax.models.clip_vit import interpolate_pos_table
 
 
-def params_from_state_dict(cfg, state_dict: Mapping[str, np.ndarray], *, layout: str = "hf-llava") -> dict:
+def params_from_state_dict(
+    cfg, state_dict: Mapping[str, np.ndarray], *, layout: str = "hf-llava", strict: bool = True
+) -> dict:
     """An HF state dict (keys in `layout`, a keymap.RULES name) -> LlavaModel pure dict (per cfg.scan_layers).
 
-    Strict: missing or unexpected keys raise (buffers such as rotary inv_freq are skipped). A position table
-    with another row count is resized with GeoChat's recipe to cfg.vision.num_positions rows.
+    Missing keys raise MissingKeysError; unexpected keys raise too unless `strict=False` (buffers such as
+    rotary inv_freq are always skipped). A position table with another row count is resized with GeoChat's
+    recipe to cfg.vision.num_positions rows.
     """
+    return _convert(keymap.entries(cfg), state_dict, layout, strict, cfg.vision)
+
+
+def vision_params_from_state_dict(
+    vision_cfg,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    scan: bool = True,
+    layout: str = "clip",
+    strict: bool = True,
+) -> dict:
+    """A CLIPVisionModel state dict (a VisionConfig) -> ClipVisionModel pure dict, else as above."""
+    return _convert(keymap.vision_entries(vision_cfg, scan, root=()), state_dict, layout, strict, vision_cfg)
+
+
+def text_params_from_state_dict(
+    text_cfg,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    scan: bool = True,
+    layout: str = "llama",
+    strict: bool = True,
+) -> dict:
+    """A LlamaForCausalLM state dict (a TextConfig) -> LlamaModel pure dict, else as above."""
+    return _convert(keymap.text_entries(text_cfg, scan, root=()), state_dict, layout, strict, None)
+
+
+def _convert(entries, state_dict: Mapping, layout: str, strict: bool, vision_cfg) -> dict:
     sd, unexpected = {}, []
     for k, v in state_dict.items():
         canon = keymap.canonical_key(k, layout)
@@ -29,21 +60,20 @@ def params_from_state_dict(cfg, state_dict: Mapping[str, np.ndarray], *, layout:
         if canon is None:
             unexpected.append(k)
         else:
-            sd[canon] = np.asarray(v)
-    tree: dict = {}
-    stacks: dict[tuple, dict[int, np.ndarray]] = {}
-    entries = keymap.entries(cfg)
+            sd[canon] = v
     missing = [e.hf for e in entries if e.hf not in sd]
     unexpected += sorted(set(sd) - {e.hf for e in entries})
-    if missing or unexpected:
-        raise ConversionError(
-            "state dict does not match the config: "
-            + "; ".join(x for x in (listing("missing", missing), listing("unexpected", unexpected)) if x)
+    if missing or (strict and unexpected):
+        parts = (listing("missing keys", missing), listing("unexpected keys", unexpected))
+        raise (MissingKeysError if missing else ConversionError)(
+            "state dict does not match the config: " + "; ".join(x for x in parts if x)
         )
+    tree: dict = {}
+    stacks: dict[tuple, dict[int, np.ndarray]] = {}
     for e in entries:
-        w = keymap.to_ours(e.transform, sd[e.hf], slice(None))
-        if e.transform == "pos" and w.shape[0] != cfg.vision.num_positions:
-            w = interpolate_pos_table(w, cfg.vision.grid)
+        w = keymap.to_ours(e.transform, np.asarray(sd[e.hf]), slice(None))
+        if e.transform == "pos" and w.shape[0] != vision_cfg.num_positions:
+            w = interpolate_pos_table(w, vision_cfg.grid)
         if e.layer is None:
             _set(tree, e.param, np.ascontiguousarray(w))
         else:

@@ -402,6 +402,7 @@ class PlanResult:
     grad_accum: int
     settings: dict  # name -> [value, source]
     memory: dict  # bytes per device: argument, output, alias, temp, code, total, peak (None off TPU)
+    error: str | None  # the compiler's out-of-memory message when it refused the program (then fits=False)
     hbm_bytes: int
     margin: float
     fits: bool
@@ -455,28 +456,35 @@ def plan(config, topology: str | Topology, *, batch_size: int | None = None, rem
     log(f"[plan] lowered in {t_lower:.1f} s; compiling with "
         f"{'libtpu (13B->7B: 3-4 CPU-minutes)' if backend == 'tpu' else 'XLA:CPU'} ...")
     t1 = time.perf_counter()
-    compiled = lo.lowered.compile()
+    try:
+        compiled, error = lo.lowered.compile(), None
+    except Exception as e:  # libtpu checks HBM at compile time: RESOURCE_EXHAUSTED is a "does not fit" answer
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, error = None, str(e).strip().splitlines()[0]
+        log(f"[plan] the compiler refused the program: {error}")
     t_compile = time.perf_counter() - t1
-    log(f"[plan] compiled in {t_compile:.1f} s (host peak RSS {_rss_gib():.2f} GiB)")
-    if dump_hlo:
+    log(f"[plan] compile took {t_compile:.1f} s (host peak RSS {_rss_gib():.2f} GiB)")
+    if dump_hlo and compiled is not None:
         path = pathlib.Path(dump_hlo) / f"step_{topo.name}.hlo.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(compiled.as_text())
         log(f"[plan] wrote {path}")
-    mem = memory_stats(compiled, backend)
+    mem = memory_stats(compiled, backend) if compiled is not None else dict.fromkeys(
+        ("argument", "output", "alias", "temp", "code", "total", "peak"))
     hbm = int(hbm_bytes if hbm_bytes is not None else topo.hbm_bytes)
     b = int(batch_size or config.data.batch_size)
     fl = step_flops(config, lo.student_cfg, lo.teacher_cfg, lo.spec, lo.trainable_paths, b)
     fl["per_device"] = fl["total"] / topo.devices
-    cost = compiled.cost_analysis()
+    cost = compiled.cost_analysis() if compiled is not None else None
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     actual = dict(compute_dtype=lo.student_cfg.dtype, teacher_param_dtype=lo.teacher_cfg.param_dtype,
                   student_param_dtype=lo.student_cfg.param_dtype, remat=lo.student_cfg.remat_policy)
     return PlanResult(
         topology=topo.name, chip=topo.chip, backend=backend, label=label, devices=topo.devices,
         mesh=dict(lo.mesh.shape), batch_size=b, grad_accum=lo.spec.grad_accum,
-        settings={k: [actual[k], src] for k, (_, src) in settings.items()}, memory=mem, hbm_bytes=hbm,
-        margin=margin, fits=mem["total"] <= (1 - margin) * hbm, flops=fl,
+        settings={k: [actual[k], src] for k, (_, src) in settings.items()}, memory=mem, error=error,
+        hbm_bytes=hbm, margin=margin, fits=error is None and mem["total"] <= (1 - margin) * hbm, flops=fl,
         xla_flops_per_device=float(cost["flops"]) if cost and "flops" in cost else None,
         step_time_s={f"{round(u * 100)}%": fl["per_device"] / (topo.peak_flops * u) for u in (1.0, 0.4)},
         timings=dict(lower_s=t_lower, compile_s=t_compile, total_s=time.perf_counter() - t0,
@@ -488,7 +496,8 @@ def format_table(r: PlanResult) -> str:
     g = lambda x: "n/a" if x is None else f"{x / GIB:.2f}"
     m, budget = r.memory, (1 - r.margin) * r.hbm_bytes
     peak_tflops = r.flops["per_device"] / r.step_time_s["100%"] / 1e12 if r.step_time_s["100%"] else 0.0
-    peak = f"{g(m['peak'])} GiB" if m["peak"] is not None else "n/a (XLA:CPU repeats the argument size)"
+    peak = (f"{g(m['peak'])} GiB" if m["peak"] is not None else "n/a" if r.backend == "tpu"
+            else "n/a (XLA:CPU repeats the argument size)")
     lines = [
         f"## plan: {r.topology} ({r.devices} x {r.chip}), mesh {r.mesh}, global batch {r.batch_size} "
         f"(grad_accum {r.grad_accum})",
@@ -501,8 +510,8 @@ def format_table(r: PlanResult) -> str:
         f"| {r.topology} | {g(m['argument'])} | {g(m['output'])} | {g(m['alias'])} | {g(m['temp'])} | "
         f"{g(m['code'])} | **{g(m['total'])}** | {g(r.hbm_bytes)} | {g(budget)} | {g(m['peak'])} |",
         "",
-        f"total = argument + output - alias + temp + code = {m['total']:,} bytes per device "
-        f"({100 * m['total'] / r.hbm_bytes:.1f}% of HBM)",
+        (f"total = argument + output - alias + temp + code = {m['total']:,} bytes per device "
+         f"({100 * m['total'] / r.hbm_bytes:.1f}% of HBM)" if r.error is None else f"compiler: {r.error}"),
         f"peak_memory_in_bytes: {peak}",
         f"FLOPs per step (analytic): {r.flops['total']:.3e} global, {r.flops['per_device']:.3e} per device",
         *[f"    {k:<36s} {v:.3e}" for k, v in r.flops["components"].items()],
@@ -513,8 +522,9 @@ def format_table(r: PlanResult) -> str:
         f"(peak {peak_tflops:.0f} TFLOP/s bf16 per device)",
         f"lower {r.timings['lower_s']:.1f} s, compile {r.timings['compile_s']:.1f} s, host peak RSS "
         f"{r.timings['host_peak_rss_gib']:.2f} GiB",
-        f"verdict: {'FITS' if r.fits else 'DOES NOT FIT'} ({g(m['total'])} GiB vs {g(budget)} GiB budget = "
-        f"{g(r.hbm_bytes)} GiB HBM - {r.margin:.0%} margin)",
+        f"verdict: {'FITS' if r.fits else 'DOES NOT FIT'} ("
+        + (f"{g(m['total'])} GiB" if r.error is None else "the compiler's HBM check failed")
+        + f" vs {g(budget)} GiB budget = {g(r.hbm_bytes)} GiB HBM - {r.margin:.0%} margin)",
     ]
     return "\n".join(lines)
 
