@@ -4,6 +4,7 @@ r"""Distillation configs (big_vision style).
     python launch/train.py --config configs/distill.py:tiny               # seconds-long smoke run (tests)
     python launch/train.py --config configs/distill.py:geochat13b_to_7b \
         --config.teacher.checkpoint=/ckpt/geochat13b --config.student.checkpoint=/ckpt/geochat7b \
+        --config.data.tokenizer=/ckpt/geochat7b \
         --config.data.instruct_json=/data/GeoChat_Instruct.json --config.data.image_root=/data/images
 
 Every knob of the method lives here: loss weights, sampling (alpha, temperature, top-k/p, max new tokens), the

@@ -56,7 +56,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from rskd_jax.train import plan as P  # noqa: PLC0415  (no jax import at module level)
 
-    topo = P.get_topology(_TOPO.value)
+    try:
+        topo = P.get_topology(_TOPO.value)
+    except KeyError as e:
+        raise app.UsageError(e.args[0]) from None
     changed = _set_device_env(topo.devices, P.backend_for(topo, _BACKEND.value) == "tpu")
     if changed and "jax" in sys.modules:  # too late for this process: start again with the environment set
         os.execv(sys.executable, [sys.executable, *sys.argv])
@@ -73,7 +76,9 @@ def main(argv):
 
 
 def run_cli():
-    app.run(main)
+    from rskd_jax.cli import run_app  # noqa: PLC0415
+
+    run_app(main)
 
 
 run = run_cli  # console script entry point `rskd-plan`

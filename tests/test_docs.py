@@ -28,6 +28,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 
 import nbformat
 import pytest
@@ -46,7 +47,7 @@ NOTEBOOKS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("
 NEEDS = {"tpu", "gpu", "weights", "data", "network"}
 QUICK_S = 60  # commands marked faster than this are run
 
-_FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
+_FENCE = re.compile(r"^([ \t]*)```(\w*)[^\n]*\n(.*?)^\1```", re.M | re.S)  # also indented (in lists)
 _DURATION = re.compile(r"~\s*(\d+(?:\.\d+)?)\s*(s|min|h)\b")
 
 
@@ -69,7 +70,7 @@ def doc_items(doc: str) -> list[dict]:
     text = (ROOT / doc).read_text()
     items = []
     for m in _FENCE.finditer(text):
-        lang, body = m.group(1), m.group(2)
+        lang, body = m.group(2), textwrap.dedent(m.group(3))
         line_no = text[: m.start()].count("\n") + 1
         if lang == "python":
             first = body.lstrip().splitlines()[0] if body.strip() else ""
@@ -133,7 +134,7 @@ def entry_point(argv: list[str]) -> tuple[str, str, list[str]] | None:
 # argparse's parse_args and absl's app.run replaced by "parse, then stop"; flags a script defined are
 # removed afterwards so the next script can define its own.
 CHECKER = r"""
-import argparse, json, runpy, sys, traceback
+import argparse, contextlib, io, json, runpy, sys, traceback
 from absl import app, flags
 
 class Parsed(BaseException):
@@ -155,17 +156,19 @@ app.run = run
 for item in json.loads(sys.stdin.read()):
     before = set(flags.FLAGS)
     sys.argv = [item["target"]] + item["args"]
+    err = io.StringIO()
     try:
-        if item["how"] == "module":
-            runpy.run_module(item["target"], run_name="__main__", alter_sys=True)
-        else:
-            runpy.run_path(item["target"], run_name="__main__")
+        with contextlib.redirect_stderr(err):
+            if item["how"] == "module":
+                runpy.run_module(item["target"], run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(item["target"], run_name="__main__")
         result = dict(ok=False, error="the command ran to the end instead of stopping after parsing")
     except Parsed:
         result = dict(ok=True)
     except SystemExit as e:
-        result = dict(ok=False, error=f"exited with {e.code!r} while parsing")
-    except BaseException as e:  # noqa: BLE001 - report anything, keep checking the others
+        result = dict(ok=False, error=f"exited with {e.code!r} while parsing: {err.getvalue()[-1500:]}")
+    except BaseException as e:  # report anything, keep checking the others
         result = dict(ok=False, error="".join(traceback.format_exception_only(type(e), e)).strip())
     for name in set(flags.FLAGS) - before:
         delattr(flags.FLAGS, name)

@@ -5,9 +5,10 @@ preset and in each preset that changes it, and a one-line description.
     python tools/gen_config_reference.py --check    # exit 1 if the committed file is out of date
 
 Values come from calling each config's `get_config("<preset>")` (nothing is hard-coded here), so the
-reference cannot drift from the configs; tests/test_docs.py runs `--check`. Descriptions are the config
-`DESCRIPTIONS` below, else the config line's own trailing comment (`c.key = value  # comment`).
+reference cannot drift from the configs; tests/test_docs.py checks the committed file. Descriptions come from
+`DESCRIPTIONS` below, else from the config line's own trailing comment (`c.key = value  # comment`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -146,7 +147,8 @@ _COMMENT = re.compile(r"^\s*c\.([A-Za-z_][\w.]*)\s*=.*#\s*(.+?)\s*$")
 
 
 def load(name: str):
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     return importlib.import_module(f"configs.{name}")
 
 
@@ -167,8 +169,11 @@ def presets_and_args(module) -> tuple[list[str], dict]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "parse_arg":
             args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-        if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute)
-                and node.left.attr == "preset"):
+        if (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Attribute)
+            and node.left.attr == "preset"
+        ):
             for comp in node.comparators:
                 if isinstance(comp, ast.Name):
                     value = literals.get(comp.id)
@@ -216,14 +221,14 @@ def describe(desc: dict, key: str) -> str:
     return ""
 
 
+_ABSENT = object()  # a key missing from a preset
+
+
 def fmt(v) -> str:
     if v is _ABSENT:
         return "—"
     s = repr(v)
     return "`" + s.replace("|", "\\|") + "`"
-
-
-_ABSENT = object()
 
 
 def section(name: str) -> str:
@@ -236,19 +241,26 @@ def section(name: str) -> str:
         if source:
             desc.update({**inline_comments(load(source)), **DESCRIPTIONS.get(source, {})})
     default = presets[0]
-    lines = [f"## `configs/{name}.py`", "",
-             f"Presets: {', '.join(f'`{p}`' for p in presets)} (default `{default}`). "
-             f"Pick one with `--config configs/{name}.py:PRESET`.", ""]
+    lines = [
+        f"## `configs/{name}.py`",
+        "",
+        f"Presets: {', '.join(f'`{p}`' for p in presets)} (default `{default}`). "
+        f"Pick one with `--config configs/{name}.py:PRESET`.",
+        "",
+    ]
     if args:
         extra = [k for k in args if k != "preset"]
         listed = ", ".join(f"`{k}` (default `{args[k]!r}`)" for k in extra)
-        lines += [f"Shorthand arguments after the preset (`configs/{name}.py:{default},{extra[0]}=...`): "
-                  f"{listed}.", ""]
+        lines += [
+            f"Shorthand arguments after the preset (`configs/{name}.py:{default},{extra[0]}=...`): {listed}.",
+            "",
+        ]
     lines += [f"| key | `{default}` | other presets (where different) | description |", "|---|---|---|---|"]
     for k in keys:
         base = values[default].get(k, _ABSENT)
-        diffs = [f"{p}: {fmt(values[p].get(k, _ABSENT))}" for p in presets[1:]
-                 if values[p].get(k, _ABSENT) != base]
+        diffs = [
+            f"{p}: {fmt(values[p].get(k, _ABSENT))}" for p in presets[1:] if values[p].get(k, _ABSENT) != base
+        ]
         lines.append(f"| `{k}` | {fmt(base)} | {'<br>'.join(diffs)} | {describe(desc, k)} |")
     return "\n".join(lines) + "\n"
 
@@ -289,8 +301,10 @@ def main(argv=None) -> int:
     text = render()
     if a.check:
         if not OUT.is_file() or OUT.read_text() != text:
-            print(f"{OUT.relative_to(ROOT)} is out of date: run python tools/gen_config_reference.py",
-                  file=sys.stderr)
+            print(
+                f"{OUT.relative_to(ROOT)} is out of date: run python tools/gen_config_reference.py",
+                file=sys.stderr,
+            )
             return 1
         print(f"{OUT.relative_to(ROOT)} is up to date")
         return 0

@@ -315,7 +315,16 @@ def make_train_step(student: DistillStudent, teacher, spec: StepSpec, tx: optax.
         te = nnx.merge(t_graphdef, ts) if t_graphdef is not None else None
         return compute_loss(st, te, mb, rng, spec)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    parts = dict(graphdef=graphdef, params=params, frozen=frozen, teacher_graphdef=t_graphdef, teacher=t_state)
+    sh = shardings(tx, parts, mesh) if mesh is not None else None
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grad_fn(*args):
+        """Gradients leave the backward pass sharded like their parameters (not replicated)."""
+        out, grads = value_and_grad(*args)
+        if sh is not None:
+            grads = jax.lax.with_sharding_constraint(grads, sh["params"])
+        return out, grads
 
     def step_fn(state: TrainState, fz, ts, batch):
         rng, step_rng = jax.random.split(state.rng)
@@ -334,11 +343,9 @@ def make_train_step(student: DistillStudent, teacher, spec: StepSpec, tx: optax.
         metrics = dict(metrics, grad_norm=gnorm, skipped=(~finite).astype(jnp.float32))
         return new_state, metrics
 
-    parts = dict(graphdef=graphdef, params=params, frozen=frozen, teacher_graphdef=t_graphdef, teacher=t_state)
     donate_kw = dict(donate_argnums=(0,) if donate else ())
     if mesh is None:
         return init_fn, jax.jit(step_fn, **donate_kw), parts
-    sh = shardings(init_fn, parts, mesh)
     parts["shardings"] = sh
     init = jax.jit(init_fn, in_shardings=(sh["params"], sh["replicated"]), out_shardings=sh["state"])
     step = jax.jit(step_fn, in_shardings=(sh["state"], sh["frozen"], sh["teacher"], sh["batch"]),
@@ -381,20 +388,21 @@ def _accumulate(grad_fn, params, fz, ts, batch, rng, k):
     return (loss / k, jax.tree.map(lambda m: m / k, metrics)), jax.tree.map(lambda g: g / k, grads)
 
 
-def shardings(init_fn, parts, mesh) -> dict:
-    """Explicit shardings of everything the step takes. Optimizer-state shardings are read off the compiled
-    `init_fn` (XLA propagates each parameter's sharding to its Adam moments); nothing is allocated."""
-    from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+def shardings(tx, parts, mesh) -> dict:
+    """Explicit shardings of everything the step takes and returns, from the logical-axis rules.
+
+    Adam moments (and any other parameter-shaped optimizer state) take their parameter's sharding; counters are
+    replicated. Nothing is allocated."""
+    from jax.sharding import NamedSharding  # noqa: PLC0415
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
     from rskd_jax.parallel import rules  # noqa: PLC0415
     repl = NamedSharding(mesh, P())
-    p_sh = rules.named_shardings(parts["params"], mesh)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    leaves, treedef = jax.tree.flatten(parts["params"])
-    abstract_params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                                                   for x, s in zip(leaves, jax.tree.leaves(p_sh))])
-    compiled = jax.jit(init_fn, in_shardings=(p_sh, repl)).lower(abstract_params, key).compile()
-    return dict(params=p_sh, state=compiled.output_shardings, replicated=repl,
-                frozen=rules.named_shardings(parts["frozen"], mesh),
+    treedef = jax.tree.structure(parts["params"])
+    p_sh = jax.tree.unflatten(treedef, jax.tree.leaves(rules.named_shardings(parts["params"], mesh)))
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, parts["params"]), p_sh,
+                                   transform_non_params=lambda _: repl)
+    return dict(params=p_sh, state=TrainState(step=repl, params=p_sh, opt_state=opt_sh, rng=repl),
+                replicated=repl, frozen=rules.named_shardings(parts["frozen"], mesh),
                 teacher=rules.named_shardings(parts["teacher"], mesh) if parts["teacher"] is not None else None,
                 batch=NamedSharding(mesh, P(("data", "fsdp"))))  # a prefix for every [B, ...] batch array

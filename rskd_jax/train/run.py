@@ -73,8 +73,13 @@ def make_sources(config, image_size: int):
 def prepare(config, workdir) -> Context:
     from rskd_jax.data import load_tokenizer, special_ids  # noqa: PLC0415
     from rskd_jax.data.synth import train_synth_tokenizer  # noqa: PLC0415
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
     workdir.mkdir(parents=True, exist_ok=True)
+    if (config.get("teacher") and config.teacher.checkpoint or config.get("student") and config.student.checkpoint
+            or config.get("model") and config.model.checkpoint) and not config.data.tokenizer:
+        raise KeyError("config data.tokenizer: give the tokenizer directory of the converted checkpoints (e.g. the "
+                       "checkpoint directory itself); without it a small rs-synth tokenizer would be trained whose "
+                       "ids do not match the checkpoint's vocabulary")
     tok_dir = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else workdir / "tokenizer"
     if not (tok_dir / "tokenizer_config.json").exists():
         if config.data.tokenizer:
@@ -146,8 +151,11 @@ def sft_stage(ctx: Context, name: str, mc, seed: int):
         return model
     optim = ctx.config.optim.copy_and_resolve_references()
     optim.update(lr=mc.lr, total_steps=mc.sft_steps, warmup_steps=min(optim.warmup_steps, mc.sft_steps // 10))
+    trainable = mc.get("trainable", "all+vision")
+    if trainable == "lora":
+        add_lora(ctx.config, model)
     res = loop.fit(workdir=ctx.workdir / name, model=model, teacher=None, spec=S.sft_spec(ctx.config, model.cfg),
-                   optim_cfg=optim, trainable=mc.get("trainable", "all+vision"), total_steps=mc.sft_steps,
+                   optim_cfg=optim, trainable=trainable, total_steps=mc.sft_steps,
                    dataset=dataset_for(ctx, model.cfg, seed), seed=seed, name=name, **_fit_common(ctx))
     if res.preempted:
         raise SystemExit(0)
@@ -159,12 +167,11 @@ def distill_stage(ctx: Context, student, teacher):
     spec = S.spec_from_config(c, student.cfg)
     maps = S.maps_for_spec(spec, student.cfg, teacher.cfg, nnx.Rngs(c.seed + 7))
     if c.trainable == "lora":
-        from rskd_jax.models import LoRAConfig, apply_lora  # noqa: PLC0415
-        apply_lora(student, LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-                                       targets=tuple(c.lora.targets)), rngs=nnx.Rngs(c.seed + 11))
+        add_lora(c, student)
     res = loop.fit(workdir=ctx.workdir / "distill", model=student, teacher=teacher, spec=spec, optim_cfg=c.optim,
                    trainable=c.trainable, total_steps=c.total_steps, dataset=dataset_for(ctx, student.cfg, c.seed + 2),
-                   seed=c.seed + 2, maps=maps, name="distill", **_fit_common(ctx))
+                   seed=c.seed + 2, maps=maps, name="distill", eval_fn=periodic_eval(ctx),
+                   eval_every=c.eval_every, **_fit_common(ctx))
     if res.preempted:
         raise SystemExit(0)
     return res
@@ -193,6 +200,31 @@ def export_student(ctx: Context, model):
     model = merge_lora(copy_model(model))
     export_model(model, model.cfg, dst, tokenizer_dir=ctx.tokenizer_dir, overwrite=True)
     log.info("distilled student exported (Hugging Face LlavaForConditionalGeneration format): %s", dst)
+
+
+def add_lora(config, model):
+    from rskd_jax.models import LoRAConfig, apply_lora  # noqa: PLC0415
+    lo = config.lora
+    apply_lora(model, LoRAConfig(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=tuple(lo.targets)),
+               rngs=nnx.Rngs(config.seed + 11))
+
+
+def periodic_eval(ctx: Context):
+    """The training loop's evaluation hook: task metrics of the current student on a slice of the eval split."""
+    if ctx.eval_source is None or not ctx.config.eval_every:
+        return None
+    c = ctx.config
+
+    def fn(model, step):
+        from rskd_jax.eval import runner  # noqa: PLC0415
+        res = runner.evaluate(model, ctx.tokenizer_dir, {"eval": ctx.eval_source}, tasks=tuple(c.eval.tasks),
+                              batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
+                              limit=min(c.eval.limit or 64, 64), meteor=False, progress=False,
+                              max_prompt_len=c.data.prompt_len)
+        return {f"eval/{k}/{m}": float(v) for k, d in res.items() for m, v in d.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    return fn
 
 
 def copy_model(model):
