@@ -398,10 +398,20 @@ def shardings(tx, parts, mesh) -> dict:
 
     from rskd_jax.parallel import rules  # noqa: PLC0415
     repl = NamedSharding(mesh, P())
-    treedef = jax.tree.structure(parts["params"])
-    p_sh = jax.tree.unflatten(treedef, jax.tree.leaves(rules.named_shardings(parts["params"], mesh)))
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, parts["params"]), p_sh,
-                                   transform_non_params=lambda _: repl)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(parts["params"])
+    leaves_sh = jax.tree.leaves(rules.named_shardings(parts["params"], mesh))
+    p_sh = jax.tree.unflatten(treedef, leaves_sh)
+    by_path = {tuple(path): (sh, tuple(x.shape)) for (path, x), sh in zip(flat, leaves_sh)}
+
+    def opt_leaf(path, x):  # optimizer-state leaves end with their parameter's path (mu/..., nu/...)
+        path = tuple(path)
+        for i in range(len(path)):
+            hit = by_path.get(path[i:])
+            if hit is not None and hit[1] == tuple(x.shape):
+                return hit[0]
+        return repl
+
+    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, jax.eval_shape(tx.init, parts["params"]))
     return dict(params=p_sh, state=TrainState(step=repl, params=p_sh, opt_state=opt_sh, rng=repl),
                 replicated=repl, frozen=rules.named_shardings(parts["frozen"], mesh),
                 teacher=rules.named_shardings(parts["teacher"], mesh) if parts["teacher"] is not None else None,
