@@ -31,7 +31,7 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.preset = a.preset
     c.seed = 0
-    c.total_steps = ml_collections.FieldReference(300)
+    c.total_steps = ml_collections.FieldReference(200)
     c.log_every = 10
     c.ckpt_every = 100
     c.keep_checkpoints = 2
@@ -45,10 +45,10 @@ def get_config(arg=None):
 
     # --- models
     c.teacher = _model("tiny", vision=TINY_VISION, text=TINY_TEACHER_TEXT)
-    c.teacher.sft_steps = 400  # demo: fine-tune the tiny teacher on rs-synth first (reused from the workdir)
+    c.teacher.sft_steps = 300  # demo: fine-tune the tiny teacher on rs-synth first (reused from the workdir)
     c.teacher.lr = 3e-3
     c.student = _model("tiny", vision=TINY_VISION, text=TINY_STUDENT_TEXT)
-    c.student.sft_steps = 120  # demo: the "student before distillation" baseline (MiniLLM phase 1)
+    c.student.sft_steps = 100  # demo: the "student before distillation" baseline (MiniLLM phase 1)
     c.student.lr = 3e-3
     c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=16.0, dropout=0.05,
                                             targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -70,7 +70,7 @@ def get_config(arg=None):
                                              weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
                                              grad_accum=1))
     c.optim.total_steps = c.get_ref("total_steps")
-    c.eval = ml_collections.ConfigDict(dict(tasks=("scene", "vqa", "grounding", "caption"), limit=200,
+    c.eval = ml_collections.ConfigDict(dict(tasks=("scene", "vqa", "grounding", "caption"), limit=150,
                                             max_new_tokens=24, batch_size=32))
 
     if a.preset == "demo":
