@@ -1,4 +1,5 @@
 """rskd-jax: distil remote-sensing multimodal LLMs (GeoChat-13B -> 7B style) in JAX/Flax NNX."""
+
 from setuptools import find_packages, setup
 
 # The tested stack (see ../shared/reference/env-probe.md). torch is ALWAYS pinned: an unpinned torch

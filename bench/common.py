@@ -53,16 +53,36 @@ class BenchConfig:
 
 def _pair(vision: VisionConfig, vocab: int, teacher: tuple, student: tuple, dtype="float32", **kw):
     """MHA text configs from (hidden, layers, heads, mlp); image placeholder = the last vocabulary id."""
-    text = lambda h, n, a, m: TextConfig(vocab_size=vocab, hidden_size=h, intermediate_size=m, num_layers=n,
-                                         num_heads=a, num_kv_heads=a, max_position_embeddings=4096)
-    make = lambda t: LlavaConfig(vision=vision, text=text(*t), vision_feature_layer=-2,
-                                 select_strategy="patch", image_token_id=vocab - 1, dtype=dtype, **kw)
+    text = lambda h, n, a, m: TextConfig(
+        vocab_size=vocab,
+        hidden_size=h,
+        intermediate_size=m,
+        num_layers=n,
+        num_heads=a,
+        num_kv_heads=a,
+        max_position_embeddings=4096,
+    )
+    make = lambda t: LlavaConfig(
+        vision=vision,
+        text=text(*t),
+        vision_feature_layer=-2,
+        select_strategy="patch",
+        image_token_id=vocab - 1,
+        dtype=dtype,
+        **kw,
+    )
     return make(teacher), make(student)
 
 
 def vision(hidden: int, layers: int, heads: int, image: int, patch: int) -> VisionConfig:
-    return VisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers, num_heads=heads,
-                        image_size=image, patch_size=patch)
+    return VisionConfig(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_layers=layers,
+        num_heads=heads,
+        image_size=image,
+        patch_size=patch,
+    )
 
 
 def bench_config(name: str) -> BenchConfig:
@@ -134,13 +154,20 @@ def token_batch(bc: BenchConfig, seed: int = 0, *, pad_rows: bool = True) -> dic
     for i in range(b):
         short = i % 4 if pad_rows else 0
         p = [1] + [img] * bc.image_tokens + list(words(plen - 1 - bc.image_tokens - short))
-        prompt[i, plen - len(p):], pmask[i, plen - len(p):] = p, 1
+        prompt[i, plen - len(p) :], pmask[i, plen - len(p) :] = p, 1
         full = p + list(words(r))
-        ids[i, :len(full)], amask[i, :len(full)], lmask[i, len(p):len(full)] = full, 1, 1
+        ids[i, : len(full)], amask[i, : len(full)], lmask[i, len(p) : len(full)] = full, 1, 1
     v = bc.student.vision
     pixels = rng.normal(size=(b, v.image_size, v.image_size, v.num_channels)).astype(np.float32)
-    return dict(pixel_values=pixels, prompt_ids=prompt, prompt_mask=pmask, response=words(b * r).reshape(b, r)
-                .astype(np.int32), input_ids=ids, attention_mask=amask, loss_mask=lmask)
+    return dict(
+        pixel_values=pixels,
+        prompt_ids=prompt,
+        prompt_mask=pmask,
+        response=words(b * r).reshape(b, r).astype(np.int32),
+        input_ids=ids,
+        attention_mask=amask,
+        loss_mask=lmask,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -191,15 +218,24 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    out = dict(date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), cpu=cpu,
-               cores=os.cpu_count(), loadavg_1m=round(os.getloadavg()[0], 2), jax=jax.__version__,
-               backend=jax.default_backend(), device=jax.devices()[0].device_kind)
+    out = dict(
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        cpu=cpu,
+        cores=os.cpu_count(),
+        loadavg_1m=round(os.getloadavg()[0], 2),
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        device=jax.devices()[0].device_kind,
+    )
     try:
         import torch
         import transformers
 
-        out.update(torch=torch.__version__, transformers=transformers.__version__,
-                   torch_threads=torch.get_num_threads())
+        out.update(
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            torch_threads=torch.get_num_threads(),
+        )
     except ImportError:
         pass
     return out

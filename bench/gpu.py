@@ -33,16 +33,25 @@ from rskd_jax.distill import rollout as R  # noqa: E402
 from rskd_jax.models import LlavaModel, param_counts  # noqa: E402
 
 # dense bf16 peak FLOP/s by device_kind substring (NVIDIA data sheets, without sparsity)
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-             "L40S": 362e12, "L4": 121e12}
+PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+}
 
 
 def gpu_config(batch: int, attention: str) -> C.BenchConfig:
     vision = dataclasses.replace(C.vision(1024, 24, 16, 336, 14))
-    t, s = C._pair(vision, 32000, (2560, 24, 20, 6912), (2048, 16, 16, 5504), dtype="bfloat16",
-                   attention_impl=attention)
-    return C.BenchConfig("gpu_1b_2b", t.replace(param_dtype="bfloat16"), s, batch=batch, text_tokens=128,
-                         loss_tokens=64)
+    t, s = C._pair(
+        vision, 32000, (2560, 24, 20, 6912), (2048, 16, 16, 5504), dtype="bfloat16", attention_impl=attention
+    )
+    return C.BenchConfig(
+        "gpu_1b_2b", t.replace(param_dtype="bfloat16"), s, batch=batch, text_tokens=128, loss_tokens=64
+    )
 
 
 def quick_config(attention: str) -> C.BenchConfig:
@@ -71,10 +80,14 @@ def measure(bc: C.BenchConfig, *, new_tokens: int, warmup: int, reps: int) -> di
     init_s = time.perf_counter() - t0
     batch = C.token_batch(bc, seed=0)
     cfg = R.SamplingConfig(max_new_tokens=new_tokens, alpha=0.2)
-    sample = jax.jit(lambda s, t, ids, m, pix, k: R.sample(s, t, ids, m, k, cfg, eos_id=-1, pad_id=0,
-                                                           pixel_values=pix))
-    j_in = [jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"]),
-            jnp.asarray(batch["pixel_values"], jnp.bfloat16)]
+    sample = jax.jit(
+        lambda s, t, ids, m, pix, k: R.sample(s, t, ids, m, k, cfg, eos_id=-1, pad_id=0, pixel_values=pix)
+    )
+    j_in = [
+        jnp.asarray(batch["prompt_ids"]),
+        jnp.asarray(batch["prompt_mask"]),
+        jnp.asarray(batch["pixel_values"], jnp.bfloat16),
+    ]
     t0 = time.perf_counter()
     sample_c = sample.lower(student, teacher, *j_in, jax.random.key(0)).compile()
     rollout_compile_s = time.perf_counter() - t0
@@ -87,9 +100,14 @@ def measure(bc: C.BenchConfig, *, new_tokens: int, warmup: int, reps: int) -> di
     metrics = run()
     first_s = time.perf_counter() - t0
     step = time_interleaved({"s": run}, warmup=warmup, reps=reps)["s"]
-    return dict(step=step, rollout=roll, loss_total=float(metrics["loss/total"]),
-                times=dict(init_s=init_s, rollout_compile_s=rollout_compile_s, step_first_call_s=first_s,
-                           **built["times"]))
+    return dict(
+        step=step,
+        rollout=roll,
+        loss_total=float(metrics["loss/total"]),
+        times=dict(
+            init_s=init_s, rollout_compile_s=rollout_compile_s, step_first_call_s=first_s, **built["times"]
+        ),
+    )
 
 
 def main():
@@ -119,25 +137,55 @@ def main():
     flops = step_flops(bc, logits="answer", vision_layers="used")
     peak = peak_flops() if on_gpu else None
     med = m["step"]["median_s"]
-    row = dict(config=bc.name, device=jax.devices()[0].device_kind, attention=attention, step_ms=1e3 * med,
-               tokens_per_s=bc.batch * bc.seq_len / med, model_tflops=flops / med / 1e12,
-               mfu_pct=100 * flops / med / peak if peak else None,
-               pct_of_matmul_ceiling=100 * flops / med / ceiling,
-               rollout_tokens_per_s=bc.batch * new_tokens / m["rollout"]["median_s"])
+    row = dict(
+        config=bc.name,
+        device=jax.devices()[0].device_kind,
+        attention=attention,
+        step_ms=1e3 * med,
+        tokens_per_s=bc.batch * bc.seq_len / med,
+        model_tflops=flops / med / 1e12,
+        mfu_pct=100 * flops / med / peak if peak else None,
+        pct_of_matmul_ceiling=100 * flops / med / ceiling,
+        rollout_tokens_per_s=bc.batch * new_tokens / m["rollout"]["median_s"],
+    )
     print(C.table([row], list(row)))
     params = dict(student=param_counts(bc.student), teacher=param_counts(bc.teacher))
-    print(f"params: student LLM {params['student']['llm'] / 1e9:.2f}B, teacher LLM "
-          f"{params['teacher']['llm'] / 1e9:.2f}B; bf16 matmul ceiling n={n}: {ceiling / 1e12:.2f} TFLOP/s; "
-          f"peak {peak}; loss {m['loss_total']:.4f}; times {m['times']}")
-    C.write_result("gpu", dict(name="gpu", quick=a.quick, command=" ".join(sys.argv), machine=C.machine(),
-                               config=dict(batch=bc.batch, seq_len=bc.seq_len, image_tokens=bc.image_tokens,
-                                           loss_tokens=bc.loss_tokens, new_tokens=new_tokens,
-                                           teacher=bc.teacher.to_dict(), student=bc.student.to_dict()),
-                               params=params, results=row, step_flops=flops, peak_flops=peak,
-                               matmul_ceiling_flops=ceiling, step_times_s=m["step"]["times_s"],
-                               rollout_times_s=m["rollout"]["times_s"], loss_total=m["loss_total"],
-                               times=m["times"], attention_fallback=fallback, warmup=warmup, reps=reps),
-                   a.out)
+    print(
+        f"params: student LLM {params['student']['llm'] / 1e9:.2f}B, teacher LLM "
+        f"{params['teacher']['llm'] / 1e9:.2f}B; bf16 matmul ceiling n={n}: {ceiling / 1e12:.2f} TFLOP/s; "
+        f"peak {peak}; loss {m['loss_total']:.4f}; times {m['times']}"
+    )
+    C.write_result(
+        "gpu",
+        dict(
+            name="gpu",
+            quick=a.quick,
+            command=" ".join(sys.argv),
+            machine=C.machine(),
+            config=dict(
+                batch=bc.batch,
+                seq_len=bc.seq_len,
+                image_tokens=bc.image_tokens,
+                loss_tokens=bc.loss_tokens,
+                new_tokens=new_tokens,
+                teacher=bc.teacher.to_dict(),
+                student=bc.student.to_dict(),
+            ),
+            params=params,
+            results=row,
+            step_flops=flops,
+            peak_flops=peak,
+            matmul_ceiling_flops=ceiling,
+            step_times_s=m["step"]["times_s"],
+            rollout_times_s=m["rollout"]["times_s"],
+            loss_total=m["loss_total"],
+            times=m["times"],
+            attention_fallback=fallback,
+            warmup=warmup,
+            reps=reps,
+        ),
+        a.out,
+    )
 
 
 if __name__ == "__main__":

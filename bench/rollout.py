@@ -38,9 +38,20 @@ ALPHA = 0.2
 
 def jax_sampler(cfg: R.SamplingConfig, eos_id: int, pad_id: int, with_teacher: bool):
     """jit-compiled rollout taking the models as (pytree) arguments."""
+
     def run(student, teacher, ids, mask, pixels, key):
-        return R.sample(student, teacher if with_teacher else None, ids, mask, key, cfg, eos_id=eos_id,
-                        pad_id=pad_id, pixel_values=pixels)
+        return R.sample(
+            student,
+            teacher if with_teacher else None,
+            ids,
+            mask,
+            key,
+            cfg,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            pixel_values=pixels,
+        )
+
     return jax.jit(run)
 
 
@@ -49,14 +60,27 @@ def full_forward_logprobs(model, ids, mask, pixels, tokens, image_token_id) -> n
     """log-probs of `tokens` under `model` from one cache-free forward over prompt + tokens."""
     full = torch.cat([ids, tokens], 1)
     fmask = torch.cat([mask, torch.ones_like(tokens)], 1)
-    logits = model(input_ids=full, pixel_values=pixels, attention_mask=fmask,
-                   position_ids=torch_ref.positions(fmask)).logits[:, ids.shape[1] - 1:-1].float()
+    logits = (
+        model(
+            input_ids=full, pixel_values=pixels, attention_mask=fmask, position_ids=torch_ref.positions(fmask)
+        )
+        .logits[:, ids.shape[1] - 1 : -1]
+        .float()
+    )
     logits[..., image_token_id] = -float("inf")
     return F.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0].numpy()
 
 
-def run_config(bc: C.BenchConfig, *, new_tokens: int, warmup: int, reps: int, threads: list[int],
-               peers: bool = True, student_only: bool = True) -> dict:
+def run_config(
+    bc: C.BenchConfig,
+    *,
+    new_tokens: int,
+    warmup: int,
+    reps: int,
+    threads: list[int],
+    peers: bool = True,
+    student_only: bool = True,
+) -> dict:
     torch.manual_seed(0)
     hf_t, hf_s = C.hf_llava(bc.teacher, seed=1).eval(), C.hf_llava(bc.student, seed=2).eval()
     student, teacher = C.jax_from_hf(bc.student, hf_s), C.jax_from_hf(bc.teacher, hf_t)
@@ -85,45 +109,103 @@ def run_config(bc: C.BenchConfig, *, new_tokens: int, warmup: int, reps: int, th
     if peers:
         for n in threads:
             sfx = f"_{n}t"
-            fns["generate" + sfx] = with_threads(lambda: hf_s.generate(
-                input_ids=ids, pixel_values=pixels, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, suppress_tokens=[img],
-                pad_token_id=pad), n)
-            fns["minillm" + sfx] = with_threads(lambda: torch_ref.mixed_sample(
-                hf_s, hf_t, ids, mask, pixels, max_new_tokens=new_tokens, alpha=ALPHA, image_token_id=img,
-                generator=gen), n)
+            fns["generate" + sfx] = with_threads(
+                lambda: hf_s.generate(
+                    input_ids=ids,
+                    pixel_values=pixels,
+                    attention_mask=mask,
+                    do_sample=True,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    suppress_tokens=[img],
+                    pad_token_id=pad,
+                ),
+                n,
+            )
+            fns["minillm" + sfx] = with_threads(
+                lambda: torch_ref.mixed_sample(
+                    hf_s,
+                    hf_t,
+                    ids,
+                    mask,
+                    pixels,
+                    max_new_tokens=new_tokens,
+                    alpha=ALPHA,
+                    image_token_id=img,
+                    generator=gen,
+                ),
+                n,
+            )
     # check: each side's recorded log-probs == a cache-free transformers forward over its sampled tokens
     ours_tok = torch.from_numpy(np.array(outs["ours"].tokens)).long()
     check = dict(
-        ours_student_lp=np.abs(np.asarray(outs["ours"].student_logprobs) - full_forward_logprobs(
-            hf_s, ids, mask, pixels, ours_tok, img)).max(),
-        ours_teacher_lp=np.abs(np.asarray(outs["ours"].teacher_logprobs) - full_forward_logprobs(
-            hf_t, ids, mask, pixels, ours_tok, img)).max())
+        ours_student_lp=np.abs(
+            np.asarray(outs["ours"].student_logprobs)
+            - full_forward_logprobs(hf_s, ids, mask, pixels, ours_tok, img)
+        ).max(),
+        ours_teacher_lp=np.abs(
+            np.asarray(outs["ours"].teacher_logprobs)
+            - full_forward_logprobs(hf_t, ids, mask, pixels, ours_tok, img)
+        ).max(),
+    )
     if peers:
-        ml = torch_ref.mixed_sample(hf_s, hf_t, ids, mask, pixels, max_new_tokens=new_tokens, alpha=ALPHA,
-                                    image_token_id=img, generator=gen)
+        ml = torch_ref.mixed_sample(
+            hf_s,
+            hf_t,
+            ids,
+            mask,
+            pixels,
+            max_new_tokens=new_tokens,
+            alpha=ALPHA,
+            image_token_id=img,
+            generator=gen,
+        )
         check.update(
-            minillm_student_lp=np.abs(ml["student_logprobs"].numpy() - full_forward_logprobs(
-                hf_s, ids, mask, pixels, ml["tokens"], img)).max(),
-            minillm_teacher_lp=np.abs(ml["teacher_logprobs"].numpy() - full_forward_logprobs(
-                hf_t, ids, mask, pixels, ml["tokens"], img)).max())
+            minillm_student_lp=np.abs(
+                ml["student_logprobs"].numpy()
+                - full_forward_logprobs(hf_s, ids, mask, pixels, ml["tokens"], img)
+            ).max(),
+            minillm_teacher_lp=np.abs(
+                ml["teacher_logprobs"].numpy()
+                - full_forward_logprobs(hf_t, ids, mask, pixels, ml["tokens"], img)
+            ).max(),
+        )
     check = {k: float(v) for k, v in check.items()}
 
     C.log(f"{bc.name}: timing {list(fns)}, {warmup} warm-up + {reps} runs each")
     times = time_interleaved(fns, warmup=warmup, reps=reps)
     tokens = bc.batch * new_tokens
-    rows = {k: dict(impl=k, rollout_ms=1e3 * t["median_s"], tokens_per_s=tokens / t["median_s"],
-                    ms_per_step=1e3 * t["median_s"] / new_tokens, times_s=t["times_s"])
-            for k, t in times.items()}
-    best = lambda prefix: min((r for k, r in rows.items() if k.startswith(prefix)),
-                              key=lambda r: r["rollout_ms"], default=None)
+    rows = {
+        k: dict(
+            impl=k,
+            rollout_ms=1e3 * t["median_s"],
+            tokens_per_s=tokens / t["median_s"],
+            ms_per_step=1e3 * t["median_s"] / new_tokens,
+            times_s=t["times_s"],
+        )
+        for k, t in times.items()
+    }
+    best = lambda prefix: min(
+        (r for k, r in rows.items() if k.startswith(prefix)), key=lambda r: r["rollout_ms"], default=None
+    )
     ratios = {}
     for prefix in ("generate", "minillm"):
         if best(prefix):
             ratios[f"ours_vs_{prefix}"] = best(prefix)["rollout_ms"] / rows["ours"]["rollout_ms"]
             ratios[f"ours_vs_{prefix}_peer"] = best(prefix)["impl"]
-    return dict(config=bc.name, batch=bc.batch, prompt_len=bc.prompt_len, new_tokens=new_tokens, alpha=ALPHA,
-                rows=rows, ratios=ratios, logprob_check_max_abs=check, ours_compile_s=compile_s)
+    return dict(
+        config=bc.name,
+        batch=bc.batch,
+        prompt_len=bc.prompt_len,
+        new_tokens=new_tokens,
+        alpha=ALPHA,
+        rows=rows,
+        ratios=ratios,
+        logprob_check_max_abs=check,
+        ours_compile_s=compile_s,
+    )
 
 
 def main():
@@ -136,22 +218,51 @@ def main():
     warmup, reps = (0, 1) if a.quick else (a.warmup, a.reps)
     new_tokens = 4 if a.quick else a.new_tokens
     cores = C.set_torch_threads()
-    threads = [int(t) for t in a.torch_threads.split(",")] if a.torch_threads else (
-        [1] if a.quick or cores == 1 else [cores, 1])  # quick: 1 thread (least sensitive to a loaded machine)
+    threads = (
+        [int(t) for t in a.torch_threads.split(",")]
+        if a.torch_threads
+        else ([1] if a.quick or cores == 1 else [cores, 1])
+    )  # quick: 1 thread (least sensitive to a loaded machine)
     load_before = C.machine()["loadavg_1m"]
-    results = [run_config(C.bench_config(n), new_tokens=new_tokens, warmup=warmup, reps=reps, threads=threads,
-                          student_only=not a.quick) for n in names]
-    rows = [dict(config=r["config"], **{k: v for k, v in row.items() if k != "times_s"})
-            for r in results for row in r["rows"].values()]
+    results = [
+        run_config(
+            C.bench_config(n),
+            new_tokens=new_tokens,
+            warmup=warmup,
+            reps=reps,
+            threads=threads,
+            student_only=not a.quick,
+        )
+        for n in names
+    ]
+    rows = [
+        dict(config=r["config"], **{k: v for k, v in row.items() if k != "times_s"})
+        for r in results
+        for row in r["rows"].values()
+    ]
     print(C.table(rows, ["config", "impl", "rollout_ms", "tokens_per_s", "ms_per_step"]))
     for r in results:
-        print(f"{r['config']}: " + ", ".join(f"{k} {v:.2f}x" if isinstance(v, float) else f"({v})"
-                                             for k, v in r["ratios"].items())
-              + f"; log-prob checks {r['logprob_check_max_abs']}; our compile {r['ours_compile_s']}")
+        print(
+            f"{r['config']}: "
+            + ", ".join(f"{k} {v:.2f}x" if isinstance(v, float) else f"({v})" for k, v in r["ratios"].items())
+            + f"; log-prob checks {r['logprob_check_max_abs']}; our compile {r['ours_compile_s']}"
+        )
     machine = C.machine()
     machine["loadavg_1m_before"] = load_before
-    C.write_result("rollout", dict(name="rollout", quick=a.quick, command=" ".join(sys.argv), machine=machine,
-                                   torch_threads=threads, warmup=warmup, reps=reps, configs=results), a.out)
+    C.write_result(
+        "rollout",
+        dict(
+            name="rollout",
+            quick=a.quick,
+            command=" ".join(sys.argv),
+            machine=machine,
+            torch_threads=threads,
+            warmup=warmup,
+            reps=reps,
+            configs=results,
+        ),
+        a.out,
+    )
 
 
 if __name__ == "__main__":

@@ -81,9 +81,14 @@ def fixed_sampler(response: np.ndarray):
     def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg, **_):
         b, r = tokens.shape
         zeros = jnp.zeros((b, r), jnp.float32)
-        return R.Rollout(tokens=jnp.asarray(tokens), mask=jnp.ones((b, r), jnp.float32),
-                         student_logprobs=zeros, teacher_logprobs=zeros,
-                         weights=jnp.ones((b, r), jnp.float32), lengths=jnp.full((b,), r, jnp.int32))
+        return R.Rollout(
+            tokens=jnp.asarray(tokens),
+            mask=jnp.ones((b, r), jnp.float32),
+            student_logprobs=zeros,
+            teacher_logprobs=zeros,
+            weights=jnp.ones((b, r), jnp.float32),
+            lengths=jnp.full((b,), r, jnp.int32),
+        )
 
     return sample
 
@@ -92,15 +97,20 @@ def make_jax_step(tcfg, scfg, teacher, student, batch: dict, *, maps_from=None, 
     """Our step (make_train_step, StepSpec {rkl, feat_image, feat_text}, fixed response) for the given models:
     lowered (and compiled). Returns the lowered and compiled step, the initial state, the inputs and the
     trace / compile times."""
-    spec = S.StepSpec(weights=WEIGHTS, sampling=R.SamplingConfig(max_new_tokens=batch["response"].shape[1],
-                                                                 alpha=0.2),
-                      feature_layers=((-1, -1),), eos_id=scfg.eos_token_id, pad_id=scfg.pad_token_id,
-                      image_token_id=scfg.image_token_id)
+    spec = S.StepSpec(
+        weights=WEIGHTS,
+        sampling=R.SamplingConfig(max_new_tokens=batch["response"].shape[1], alpha=0.2),
+        feature_layers=((-1, -1),),
+        eos_id=scfg.eos_token_id,
+        pad_id=scfg.pad_token_id,
+        image_token_id=scfg.image_token_id,
+    )
     maps = S.feature_maps_for(spec.feature_layers, scfg, tcfg, nnx.Rngs(3), with_proj=False)
     if maps_from is not None:  # the same map weights as another build
         maps["layer0"].linear.kernel[...] = jnp.asarray(maps_from)
-    tx = S.make_optimizer(ml_collections.ConfigDict(dict(lr=LR, total_steps=10**6, warmup_steps=0,
-                                                         schedule="constant")))
+    tx = S.make_optimizer(
+        ml_collections.ConfigDict(dict(lr=LR, total_steps=10**6, warmup_steps=0, schedule="constant"))
+    )
     init, step, parts = S.make_train_step(S.DistillStudent(student, maps), teacher, spec, tx, "all")
     inputs = {k: jnp.asarray(batch[k]) for k in JAX_KEYS}
     state = init(parts["params"], jax.random.key(0))
@@ -110,14 +120,21 @@ def make_jax_step(tcfg, scfg, teacher, student, batch: dict, *, maps_from=None, 
         t2 = time.perf_counter()
         compiled = lowered.compile() if compile else None
     t3 = time.perf_counter()
-    return dict(lowered=lowered, compiled=compiled, state=state, frozen=parts["frozen"],
-                teacher=parts["teacher"], inputs=inputs,
-                map_kernel=np.asarray(maps["layer0"].linear.kernel[...]),
-                times=dict(trace_lower_s=t2 - t1, compile_s=t3 - t2))
+    return dict(
+        lowered=lowered,
+        compiled=compiled,
+        state=state,
+        frozen=parts["frozen"],
+        teacher=parts["teacher"],
+        inputs=inputs,
+        map_kernel=np.asarray(maps["layer0"].linear.kernel[...]),
+        times=dict(trace_lower_s=t2 - t1, compile_s=t3 - t2),
+    )
 
 
-def build_ours(bc: C.BenchConfig, hf_s, hf_t, batch: dict, *, scan: bool, maps_from=None,
-               compile: bool = True) -> dict:
+def build_ours(
+    bc: C.BenchConfig, hf_s, hf_t, batch: dict, *, scan: bool, maps_from=None, compile: bool = True
+) -> dict:
     """`make_jax_step` on our models converted from the HF ones (the same weights as the peer)."""
     t0 = time.perf_counter()
     tcfg, scfg = bc.teacher.replace(scan_layers=scan), bc.student.replace(scan_layers=scan)
@@ -142,13 +159,17 @@ class OursRunner:
 
 
 def ours_terms(metrics: dict) -> dict:
-    return dict(rkl=float(metrics["loss/rkl"]), feat_image=float(metrics["loss/feat_image/0"]),
-                feat_text=float(metrics["loss/feat_text/0"]))
+    return dict(
+        rkl=float(metrics["loss/rkl"]),
+        feat_image=float(metrics["loss/feat_image/0"]),
+        feat_text=float(metrics["loss/feat_text/0"]),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- one config
 def with_threads(fn, n: int):
     """fn run with torch using n intra-op threads (restored afterwards)."""
+
     def run():
         old = torch.get_num_threads()
         torch.set_num_threads(n)
@@ -156,16 +177,20 @@ def with_threads(fn, n: int):
             return fn()
         finally:
             torch.set_num_threads(old)
+
     return run
 
 
-def run_config(bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int], lean: bool,
-               unrolled_timing: bool) -> dict:
+def run_config(
+    bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int], lean: bool, unrolled_timing: bool
+) -> dict:
     torch.manual_seed(0)
     hf_t, hf_s = C.hf_llava(bc.teacher, seed=1), C.hf_llava(bc.student, seed=2)
     batch = C.token_batch(bc, seed=0)
-    tb = {k: torch.from_numpy(v).float() if k == "pixel_values" else torch.from_numpy(v).long()
-          for k, v in batch.items()}
+    tb = {
+        k: torch.from_numpy(v).float() if k == "pixel_values" else torch.from_numpy(v).long()
+        for k, v in batch.items()
+    }
     tb["pixel_values"] = tb["pixel_values"].permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
 
     C.log(f"{bc.name}: building and compiling our step")
@@ -174,8 +199,12 @@ def run_config(bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int],
     with torch.no_grad():
         fmap.weight.copy_(torch.from_numpy(np.array(ours["map_kernel"].T)))
     kinds = ("all", "answer") if lean else ("all",)
-    peers = {k: torch_ref.TorchDistillStep(hf_s, hf_t, fmap, lr=LR, logits=k,
-                                           image_token_id=bc.student.image_token_id) for k in kinds}
+    peers = {
+        k: torch_ref.TorchDistillStep(
+            hf_s, hf_t, fmap, lr=LR, logits=k, image_token_id=bc.student.image_token_id
+        )
+        for k in kinds
+    }
     # loss check at the initial weights (before any update): the same numbers on both sides
     with torch.no_grad():
         torch_terms = {k: {n: v.item() for n, v in p.loss(tb)[1].items()} for k, p in peers.items()}
@@ -189,8 +218,10 @@ def run_config(bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int],
     # lowered, pre-optimisation HLO, so no second compile), FlopCounterMode over one peer step
     C.log(f"{bc.name}: counting FLOPs")
     un = build_ours(bc, hf_s, hf_t, batch, scan=False, maps_from=ours["map_kernel"], compile=unrolled_timing)
-    counted = dict(ours=float(un["lowered"].cost_analysis()["flops"]),
-                   ours_scanned_xla=float(ours["compiled"].cost_analysis()["flops"]))
+    counted = dict(
+        ours=float(un["lowered"].cost_analysis()["flops"]),
+        ours_scanned_xla=float(ours["compiled"].cost_analysis()["flops"]),
+    )
     name = lambda kind, n: ("torch" if kind == "all" else "torch_lean") + f"_{n}t"
     fns = {"ours": run_ours}
     for kind in kinds:
@@ -206,30 +237,56 @@ def run_config(bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int],
     C.log(f"{bc.name}: timing {list(fns)}, {warmup} warm-up + {reps} runs each")
     times = time_interleaved(fns, warmup=warmup, reps=reps)
     model_flops = step_flops(bc, logits="answer", vision_layers="used")
-    analytic = dict(ours=model_flops, torch=step_flops(bc, logits="all", vision_layers="all"),
-                    torch_lean=step_flops(bc, logits="answer", vision_layers="all"))
-    analytic_of = lambda impl: analytic["ours" if impl.startswith("ours") else
-                                        "torch_lean" if impl.startswith("torch_lean") else "torch"]
+    analytic = dict(
+        ours=model_flops,
+        torch=step_flops(bc, logits="all", vision_layers="all"),
+        torch_lean=step_flops(bc, logits="answer", vision_layers="all"),
+    )
+    analytic_of = lambda impl: analytic[
+        "ours" if impl.startswith("ours") else "torch_lean" if impl.startswith("torch_lean") else "torch"
+    ]
     tokens = bc.batch * bc.seq_len
     rows = {}
     for impl, t in times.items():
         med = t["median_s"]
-        rows[impl] = dict(impl=impl, step_ms=1e3 * med, tokens_per_s=tokens / med,
-                          model_gflops=model_flops / med / 1e9,  # the same useful work for everyone
-                          executed_gflops=counted[impl] / med / 1e9, analytic_flops=analytic_of(impl),
-                          counted_flops=counted[impl], times_s=t["times_s"])
+        rows[impl] = dict(
+            impl=impl,
+            step_ms=1e3 * med,
+            tokens_per_s=tokens / med,
+            model_gflops=model_flops / med / 1e9,  # the same useful work for everyone
+            executed_gflops=counted[impl] / med / 1e9,
+            analytic_flops=analytic_of(impl),
+            counted_flops=counted[impl],
+            times_s=t["times_s"],
+        )
     torch_rows = [r for k, r in rows.items() if k.startswith("torch")]
     best_torch = min(torch_rows, key=lambda r: r["step_ms"])
-    return dict(config=bc.name, batch=bc.batch, seq_len=bc.seq_len, image_tokens=bc.image_tokens,
-                loss_tokens=bc.loss_tokens, tokens_per_step=tokens, rows=rows,
-                ratio=best_torch["step_ms"] / rows["ours"]["step_ms"], ratio_vs=best_torch["impl"],
-                ratios={k: r["step_ms"] / rows["ours"]["step_ms"] for k, r in rows.items() if k != "ours"},
-                flops_check=dict(xla_unrolled_over_analytic=counted["ours"] / analytic["ours"],
-                                 **{f"{k}_counted_over_analytic": counted[f"{k}_{threads[0]}t"] / analytic[k]
-                                    for k in ("torch", "torch_lean") if f"{k}_{threads[0]}t" in counted}),
-                loss_check=dict(ours=jax_terms, **{("torch" if k == "all" else "torch_lean"): v
-                                                  for k, v in torch_terms.items()}, max_rel_diff=rel),
-                ours_compile=dict(ours["times"], first_call_s=first_call_s))
+    return dict(
+        config=bc.name,
+        batch=bc.batch,
+        seq_len=bc.seq_len,
+        image_tokens=bc.image_tokens,
+        loss_tokens=bc.loss_tokens,
+        tokens_per_step=tokens,
+        rows=rows,
+        ratio=best_torch["step_ms"] / rows["ours"]["step_ms"],
+        ratio_vs=best_torch["impl"],
+        ratios={k: r["step_ms"] / rows["ours"]["step_ms"] for k, r in rows.items() if k != "ours"},
+        flops_check=dict(
+            xla_unrolled_over_analytic=counted["ours"] / analytic["ours"],
+            **{
+                f"{k}_counted_over_analytic": counted[f"{k}_{threads[0]}t"] / analytic[k]
+                for k in ("torch", "torch_lean")
+                if f"{k}_{threads[0]}t" in counted
+            },
+        ),
+        loss_check=dict(
+            ours=jax_terms,
+            **{("torch" if k == "all" else "torch_lean"): v for k, v in torch_terms.items()},
+            max_rel_diff=rel,
+        ),
+        ours_compile=dict(ours["times"], first_call_s=first_call_s),
+    )
 
 
 def time_interleaved(fns: dict, *, warmup: int, reps: int) -> dict:
@@ -243,8 +300,10 @@ def time_interleaved(fns: dict, *, warmup: int, reps: int) -> dict:
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
-    return {k: dict(median_s=float(np.median(v)), min_s=min(v), times_s=[round(x, 6) for x in v])
-            for k, v in times.items()}
+    return {
+        k: dict(median_s=float(np.median(v)), min_s=min(v), times_s=[round(x, 6) for x in v])
+        for k, v in times.items()
+    }
 
 
 def ceilings(n: int, threads: list[int]) -> dict:
@@ -265,13 +324,25 @@ def main():
     names = ["tiny"] if a.quick else a.configs.split(",")
     warmup, reps = (0, 1) if a.quick else (a.warmup, a.reps)
     cores = C.set_torch_threads()
-    threads = [int(t) for t in a.torch_threads.split(",")] if a.torch_threads else (
-        [1] if a.quick or cores == 1 else [cores, 1])  # quick: 1 thread (least sensitive to a loaded machine)
+    threads = (
+        [int(t) for t in a.torch_threads.split(",")]
+        if a.torch_threads
+        else ([1] if a.quick or cores == 1 else [cores, 1])
+    )  # quick: 1 thread (least sensitive to a loaded machine)
     n = 256 if a.quick else a.matmul_n
     load_before = C.machine()["loadavg_1m"]
     ceiling_before = ceilings(n, threads)
-    results = [run_config(C.bench_config(c), warmup=warmup, reps=reps, threads=threads, lean=not a.quick,
-                          unrolled_timing=a.unrolled_timing) for c in names]
+    results = [
+        run_config(
+            C.bench_config(c),
+            warmup=warmup,
+            reps=reps,
+            threads=threads,
+            lean=not a.quick,
+            unrolled_timing=a.unrolled_timing,
+        )
+        for c in names
+    ]
     ceiling_after = ceilings(n, threads)
     peak = max(*ceiling_before.values(), *ceiling_after.values())
     out = []
@@ -280,21 +351,48 @@ def main():
             r["executed_pct_of_ceiling"] = 100 * r["executed_gflops"] / peak
             out.append(dict(config=res["config"], **{k: v for k, v in r.items() if k != "times_s"}))
     fmt = lambda c: ", ".join(f"{k} {v:.1f}" for k, v in c.items())
-    print(f"\nfp32 matmul ceiling n={n} (GFLOP/s): before [{fmt(ceiling_before)}], "
-          f"after [{fmt(ceiling_after)}]")
-    print(C.table(out, ["config", "impl", "step_ms", "tokens_per_s", "model_gflops", "executed_gflops",
-                        "executed_pct_of_ceiling"]))
+    print(
+        f"\nfp32 matmul ceiling n={n} (GFLOP/s): before [{fmt(ceiling_before)}], after [{fmt(ceiling_after)}]"
+    )
+    print(
+        C.table(
+            out,
+            [
+                "config",
+                "impl",
+                "step_ms",
+                "tokens_per_s",
+                "model_gflops",
+                "executed_gflops",
+                "executed_pct_of_ceiling",
+            ],
+        )
+    )
     for res in results:
-        print(f"{res['config']}: ours is {res['ratio']:.2f}x the fastest torch variant ({res['ratio_vs']}); "
-              f"loss max rel diff {res['loss_check']['max_rel_diff']:.1e}; FLOP checks "
-              + ", ".join(f"{k} {v:.3f}" for k, v in res["flops_check"].items())
-              + "; ours: " + ", ".join(f"{k} {v:.1f}" for k, v in res["ours_compile"].items()))
+        print(
+            f"{res['config']}: ours is {res['ratio']:.2f}x the fastest torch variant ({res['ratio_vs']}); "
+            f"loss max rel diff {res['loss_check']['max_rel_diff']:.1e}; FLOP checks "
+            + ", ".join(f"{k} {v:.3f}" for k, v in res["flops_check"].items())
+            + "; ours: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in res["ours_compile"].items())
+        )
     machine = C.machine()
     machine["loadavg_1m_before"] = load_before
-    C.write_result("step", dict(name="step", quick=a.quick, command=" ".join(sys.argv), machine=machine,
-                                matmul_ceiling_gflops=dict(before=ceiling_before, after=ceiling_after,
-                                                           peak=peak),
-                                torch_threads=threads, warmup=warmup, reps=reps, configs=results), a.out)
+    C.write_result(
+        "step",
+        dict(
+            name="step",
+            quick=a.quick,
+            command=" ".join(sys.argv),
+            machine=machine,
+            matmul_ceiling_gflops=dict(before=ceiling_before, after=ceiling_after, peak=peak),
+            torch_threads=threads,
+            warmup=warmup,
+            reps=reps,
+            configs=results,
+        ),
+        a.out,
+    )
 
 
 if __name__ == "__main__":

@@ -31,15 +31,24 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 def hidden(model, ids, mask, pixels) -> torch.Tensor:
     """Final (post-norm) hidden states [B, T, D] of a LlavaForConditionalGeneration."""
-    return model.model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
-                       position_ids=positions(mask)).last_hidden_state
+    return model.model(
+        input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions(mask)
+    ).last_hidden_state
 
 
 class TorchDistillStep:
     """One optimizer step of reverse KL + feature alignment; see the module docstring."""
 
-    def __init__(self, student, teacher, feature_map: torch.nn.Linear, *, lr: float = 1e-4,
-                 logits: str = "all", image_token_id: int):
+    def __init__(
+        self,
+        student,
+        teacher,
+        feature_map: torch.nn.Linear,
+        *,
+        lr: float = 1e-4,
+        logits: str = "all",
+        image_token_id: int,
+    ):
         if logits not in ("all", "answer"):
             raise ValueError(f"logits={logits!r}: expected 'all' or 'answer'")
         self.student, self.teacher, self.map = student.train(), teacher.eval(), feature_map
@@ -90,17 +99,34 @@ class TorchDistillStep:
 
 
 @torch.no_grad()
-def mixed_sample(student, teacher, ids, mask, pixels, *, max_new_tokens: int, alpha: float,
-                 image_token_id: int, generator: torch.Generator | None = None) -> dict:
+def mixed_sample(
+    student,
+    teacher,
+    ids,
+    mask,
+    pixels,
+    *,
+    max_new_tokens: int,
+    alpha: float,
+    image_token_id: int,
+    generator: torch.Generator | None = None,
+) -> dict:
     """MiniLLM teacher-mixed sampling (temperature 1, no top-k/top-p), fixed length (no EOS stop).
 
     Returns tokens [B, N], the student / teacher log-probs of the drawn tokens and the importance weights
     q / ((1 - alpha) q + alpha p). The image placeholder is never drawn (as ours and `suppress_tokens`).
     """
+
     def step(model, out, tok, mask):
         if out is None:  # prefill: image + prompt, logits at the last position only
-            return model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
-                         position_ids=positions(mask), use_cache=True, logits_to_keep=1)
+            return model(
+                input_ids=ids,
+                pixel_values=pixels,
+                attention_mask=mask,
+                position_ids=positions(mask),
+                use_cache=True,
+                logits_to_keep=1,
+            )
         pos = mask.long().sum(1, keepdim=True) - 1
         return model(input_ids=tok, attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
 
@@ -137,6 +163,8 @@ def flop_counter_mode() -> flop_counter.FlopCounterMode:
     """FlopCounterMode that also counts the CPU flash-attention kernels SDPA dispatches to on CPU (torch 2.13
     registers only the CUDA ones). Same convention as rskd_jax.eval.flops: full S x S scores."""
     aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,  # FlopCounterMode wraps them
-               aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward}
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,  # FlopCounterMode wraps them
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+    }
     return flop_counter.FlopCounterMode(display=False, custom_mapping=mapping)

@@ -1,4 +1,5 @@
 """Helpers shared by the configs (big_vision style: `get_config(arg)` with named presets + overrides)."""
+
 import ml_collections
 
 

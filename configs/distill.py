@@ -11,6 +11,7 @@ Every knob of the method lives here: loss weights, sampling (alpha, temperature,
 trainable subset, optimiser, mesh, checkpointing and evaluation. Defaults for the paper's setting follow MiniLLM
 (alpha 0.2, clip 0.2, lr 5e-6, AdamW betas (0.9, 0.95), grad-clip 1.0, cosine decay); the tiny presets pick their own.
 """
+
 import ml_collections
 
 from configs.common import parse_arg
@@ -22,8 +23,9 @@ TINY_STUDENT_TEXT = dict(hidden_size=64, intermediate_size=172, num_layers=2, nu
 
 
 def _model(preset, checkpoint="", vision=None, text=None, **kw):
-    return ml_collections.ConfigDict(dict(preset=preset, checkpoint=checkpoint, vision=vision or {},
-                                          text=text or {}, overrides=kw))
+    return ml_collections.ConfigDict(
+        dict(preset=preset, checkpoint=checkpoint, vision=vision or {}, text=text or {}, overrides=kw)
+    )
 
 
 def get_config(arg=None):
@@ -39,7 +41,9 @@ def get_config(arg=None):
     c.max_nonfinite_in_a_row = 5
     c.debug = ml_collections.ConfigDict(dict(kill_stage="", kill_at_step=-1, kill_signal="SIGKILL"))  # tests
     c.trainable = "all"  # all | all+vision | lora | regex on parameter paths (e.g. "model/projector/.*")
-    c.export_student = True  # write workdir/student_hf (transformers LlavaForConditionalGeneration) at the end
+    c.export_student = (
+        True  # write workdir/student_hf (transformers LlavaForConditionalGeneration) at the end
+    )
     c.shared_vision = False  # True when teacher and student share the same frozen CLIP tower (GeoChat 7B/13B)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 = all remaining devices
 
@@ -50,28 +54,70 @@ def get_config(arg=None):
     c.student = _model("tiny", vision=TINY_VISION, text=TINY_STUDENT_TEXT)
     c.student.sft_steps = 100  # demo: the "student before distillation" baseline (MiniLLM phase 1)
     c.student.lr = 3e-3
-    c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=16.0, dropout=0.05,
-                                            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                     "up_proj", "down_proj")))
+    c.lora = ml_collections.ConfigDict(
+        dict(
+            rank=64,
+            alpha=16.0,
+            dropout=0.05,
+            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        )
+    )
 
     # --- data
-    c.data = ml_collections.ConfigDict(dict(
-        name="rs-synth", image_size=64, train_size=4000, eval_size=200, batch_size=16, seq_len=184,
-        prompt_len=160, num_workers=0, tokenizer="", vocab_size=600, instruct_json="", image_root="",
-        template="vicuna_v1", skip_bad_records=False))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="rs-synth",
+            image_size=64,
+            train_size=4000,
+            eval_size=200,
+            batch_size=16,
+            seq_len=184,
+            prompt_len=160,
+            num_workers=0,
+            tokenizer="",
+            vocab_size=600,
+            instruct_json="",
+            image_root="",
+            template="vicuna_v1",
+            skip_bad_records=False,
+        )
+    )
 
     # --- distillation method
-    c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=24, alpha=0.2, temperature=1.0, top_k=0, top_p=1.0))
-    c.loss = ml_collections.ConfigDict(dict(
-        weights=dict(rkl=1.0, pg=1.0, feat_image=0.5, feat_text=0.5, feat_proj=0.0, sft=0.5, fkl=0.5),
-        clip_eps=0.2, gamma=1.0, include_current=False, length_norm=True, whiten=False, temperature=1.0,
-        feature_kind="cosine", feature_layers=((-1, -1),)))
-    c.optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=20, schedule="cosine", end_lr_factor=0.1,
-                                             weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
-                                             grad_accum=1))
+    c.sampling = ml_collections.ConfigDict(
+        dict(max_new_tokens=24, alpha=0.2, temperature=1.0, top_k=0, top_p=1.0)
+    )
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            weights=dict(rkl=1.0, pg=1.0, feat_image=0.5, feat_text=0.5, feat_proj=0.0, sft=0.5, fkl=0.5),
+            clip_eps=0.2,
+            gamma=1.0,
+            include_current=False,
+            length_norm=True,
+            whiten=False,
+            temperature=1.0,
+            feature_kind="cosine",
+            feature_layers=((-1, -1),),
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-3,
+            warmup_steps=20,
+            schedule="cosine",
+            end_lr_factor=0.1,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            grad_clip=1.0,
+            grad_accum=1,
+        )
+    )
     c.optim.total_steps = c.get_ref("total_steps")
-    c.eval = ml_collections.ConfigDict(dict(tasks=("scene", "vqa", "grounding", "caption"), limit=150,
-                                            max_new_tokens=24, batch_size=32))
+    c.eval = ml_collections.ConfigDict(
+        dict(tasks=("scene", "vqa", "grounding", "caption"), limit=150, max_new_tokens=24, batch_size=32)
+    )
 
     if a.preset == "demo":
         pass
@@ -93,17 +139,27 @@ def get_config(arg=None):
         c.trainable = "lora"
         c.total_steps = 5000
         c.log_every, c.ckpt_every, c.eval_every = 10, 250, 500
-        c.data.update(name="geochat_instruct", image_size=504, batch_size=64, seq_len=2048, prompt_len=1792,
-                      num_workers=8, template="vicuna_v1")
+        c.data.update(
+            name="geochat_instruct",
+            image_size=504,
+            batch_size=64,
+            seq_len=2048,
+            prompt_len=1792,
+            num_workers=8,
+            template="vicuna_v1",
+        )
         c.sampling.update(max_new_tokens=256)
         c.loss.feature_layers = ((-1, -1),)
         c.loss.weights = dict(rkl=1.0, pg=1.0, feat_image=1.0, feat_text=1.0, feat_proj=1.0, sft=0.5, fkl=0.5)
-        c.optim.update(lr=5e-6, warmup_steps=100, schedule="cosine", end_lr_factor=0.0, weight_decay=1e-6,
-                       grad_accum=2)
+        c.optim.update(
+            lr=5e-6, warmup_steps=100, schedule="cosine", end_lr_factor=0.0, weight_decay=1e-6, grad_accum=2
+        )
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.eval.update(limit=0, max_new_tokens=256)
     else:
-        raise KeyError(f"configs/distill.py: unknown preset {a.preset!r}; expected demo, tiny or geochat13b_to_7b")
+        raise KeyError(
+            f"configs/distill.py: unknown preset {a.preset!r}; expected demo, tiny or geochat13b_to_7b"
+        )
 
     if a.steps > 0:
         c.total_steps = a.steps

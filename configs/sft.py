@@ -8,6 +8,7 @@ r"""Supervised fine-tuning of one model (a teacher, or the baseline student) —
 Same sections as configs/distill.py (data, optim, mesh, checkpointing, eval); `model` is the model trained, with
 `model.sft_steps` steps at `model.lr`, and `model.trainable` (all | all+vision | lora | regex).
 """
+
 from configs import distill
 from configs.common import parse_arg
 
@@ -19,7 +20,9 @@ def get_config(arg=None):
         raise KeyError(f"configs/sft.py: unknown preset {a.preset!r}; expected one of {sorted(base)}")
     c = distill.get_config(base[a.preset])
     c.mode = "sft"
-    c.model = (c.student if a.preset in ("student", "geochat_7b") else c.teacher).copy_and_resolve_references()
+    c.model = (
+        c.student if a.preset in ("student", "geochat_7b") else c.teacher
+    ).copy_and_resolve_references()
     c.model.trainable = "lora" if a.preset == "geochat_7b" else "all+vision"
     if a.preset == "geochat_7b":
         c.model.sft_steps, c.model.lr = 5000, 2e-4  # GeoChat's LoRA recipe (geochat.md 1c)

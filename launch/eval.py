@@ -40,5 +40,6 @@ def run():
 
     run_app(main)
 
+
 if __name__ == "__main__":
     run()

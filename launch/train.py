@@ -4,6 +4,7 @@ r"""Train: the embedded demo by default, or any preset of configs/distill.py / c
 
 All logic lives in rskd_jax.train.run (importable, tested); this file only parses flags.
 """
+
 import os
 import sys
 
@@ -13,16 +14,29 @@ sys.path.insert(0, _ROOT)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "distill.py"), "Config file[:preset,key=value,...].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, report). "
-                               "Default: runs/<preset>.")
-_COORD = flags.DEFINE_string("coordinator", None, "Multi-process without a cluster manager: host:port of process 0 "
-                              "(with --num_processes and --process_id). TPU pods are detected automatically.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(_ROOT, "configs", "distill.py"),
+    "Config file[:preset,key=value,...].",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (checkpoints, logs, report). Default: runs/<preset>."
+)
+_COORD = flags.DEFINE_string(
+    "coordinator",
+    None,
+    "Multi-process without a cluster manager: host:port of process 0 "
+    "(with --num_processes and --process_id). TPU pods are detected automatically.",
+)
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
-_STAGE = flags.DEFINE_enum("stage", "auto", ["auto", "teacher", "student_sft", "distill", "eval"],
-                           "Run one stage only (auto = everything the config asks for, resuming what is done).")
+_STAGE = flags.DEFINE_enum(
+    "stage",
+    "auto",
+    ["auto", "teacher", "student_sft", "distill", "eval"],
+    "Run one stage only (auto = everything the config asks for, resuming what is done).",
+)
 
 
 def main(argv):
@@ -32,8 +46,14 @@ def main(argv):
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.get("preset", "run"))
-    run(config, workdir, stage=_STAGE.value, coordinator=_COORD.value, num_processes=_NPROC.value,
-        process_id=_PID.value)
+    run(
+        config,
+        workdir,
+        stage=_STAGE.value,
+        coordinator=_COORD.value,
+        num_processes=_NPROC.value,
+        process_id=_PID.value,
+    )
 
 
 def run_cli():

@@ -1,4 +1,5 @@
 """Shared by the launch/ CLIs."""
+
 import sys
 
 HELP_FLAGS = {"--help", "-h", "-?", "--helpshort", "--helpfull"}

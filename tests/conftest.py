@@ -6,6 +6,7 @@
 * `RSKD_SHARED_DATA` points at the real UC Merced data (../shared/data); tests that need it skip with
   that reason when it is unset.
 """
+
 import os
 import pathlib
 

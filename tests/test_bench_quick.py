@@ -38,8 +38,9 @@ def runs(tmp_path_factory):
     """All scripts, 3 concurrently; input.py only when the real UC Merced data is available."""
     tmp = tmp_path_factory.mktemp("bench")
     data = shared_data_dir()
-    names = [n for n in SCRIPTS
-             if (ROOT / "bench" / f"{n}.py").exists() and (n != "input" or data is not None)]
+    names = [
+        n for n in SCRIPTS if (ROOT / "bench" / f"{n}.py").exists() and (n != "input" or data is not None)
+    ]
     with ThreadPoolExecutor(3) as pool:
         futures = {n: pool.submit(_run, n, tmp / f"{n}.json", data) for n in names}
         return {n: f.result() for n, f in futures.items()}
@@ -87,8 +88,14 @@ def test_rollout(runs):
 def test_gpu_script_runs_on_cpu(runs):
     d = result(runs, "gpu")
     r = d["results"]
-    assert {"step_ms", "tokens_per_s", "model_tflops", "mfu_pct", "pct_of_matmul_ceiling",
-            "rollout_tokens_per_s"} <= set(r)
+    assert {
+        "step_ms",
+        "tokens_per_s",
+        "model_tflops",
+        "mfu_pct",
+        "pct_of_matmul_ceiling",
+        "rollout_tokens_per_s",
+    } <= set(r)
     assert r["step_ms"] > 0 and r["rollout_tokens_per_s"] > 0 and d["step_flops"] > 0
     assert math.isfinite(d["loss_total"])
 

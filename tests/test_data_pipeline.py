@@ -185,10 +185,13 @@ def test_bad_records_raise_or_are_skipped_and_counted(transform, tmp_path, caplo
     assert [int(b["example_id"][0]) for b in out] == [0, 1, 3, 5]
     assert "r2: " not in caplog.text  # the message names the file, not only the id
     # records are read by several threads, so the two skips may be counted in either order
-    assert re.search(rf"skipped bad record #[12]: {re.escape(str(tmp_path / 'bad.jpg'))}: cannot decode image",
-                     caplog.text)
-    assert re.search(rf"skipped bad record #[12]: {re.escape(str(tmp_path / 'missing.jpg'))}: image file not found",
-                     caplog.text)
+    assert re.search(
+        rf"skipped bad record #[12]: {re.escape(str(tmp_path / 'bad.jpg'))}: cannot decode image", caplog.text
+    )
+    assert re.search(
+        rf"skipped bad record #[12]: {re.escape(str(tmp_path / 'missing.jpg'))}: image file not found",
+        caplog.text,
+    )
     assert "skipped bad record #2" in caplog.text and "#3" not in caplog.text
 
 

@@ -6,6 +6,7 @@ plus straightforward PyTorch ports of MiniLLM's `_pg_loss`, `_reg_loss`, `_get_a
 Gradients are checked against float64 central finite differences; the chunked evaluation against the
 unchunked one; and its memory against the unchunked one with an AOT `memory_analysis` at V=32000, T=1024.
 """
+
 import math
 
 import jax
@@ -41,7 +42,7 @@ def make_case(seed=0, b=B, t=T, v=V, dtype=np.float32):
     s[0, 1, v // 2] = -np.inf
     te[1, 0, v - 1] = -np.inf
     mask = np.ones((b, t), np.int32)
-    mask[0, t - 2:] = 0
+    mask[0, t - 2 :] = 0
     mask[1, 3:] = 0
     return s.astype(dtype), te.astype(dtype), mask
 
@@ -74,6 +75,7 @@ def ref_forward_kl(s, te, mask, tau=1.0):
     def f(t_row, s_row):
         lp, lq = np_log_softmax(t_row, tau), np_log_softmax(s_row, tau)
         return np_kl(lp, lq, np.isfinite(lp) & np.isfinite(lq))
+
     return np_token_values(s, te, mask, f)
 
 
@@ -81,6 +83,7 @@ def ref_reverse_kl(s, te, mask, tau=1.0):
     def f(t_row, s_row):
         lp, lq = np_log_softmax(t_row, tau), np_log_softmax(s_row, tau)
         return np_kl(lq, lp, np.isfinite(lp) & np.isfinite(lq))
+
     return np_token_values(s, te, mask, f)
 
 
@@ -93,6 +96,7 @@ def ref_skew_forward(s, te, mask, alpha=0.1, tau=1.0):
     def f(t_row, s_row):
         p, q = np.exp(np_log_softmax(t_row, tau)), np.exp(np_log_softmax(s_row, tau))
         return np_kl_to_mixture(p, alpha * p + (1 - alpha) * q)
+
     return np_token_values(s, te, mask, f)
 
 
@@ -100,6 +104,7 @@ def ref_skew_reverse(s, te, mask, alpha=0.1, tau=1.0):
     def f(t_row, s_row):
         p, q = np.exp(np_log_softmax(t_row, tau)), np.exp(np_log_softmax(s_row, tau))
         return np_kl_to_mixture(q, (1 - alpha) * p + alpha * q)
+
     return np_token_values(s, te, mask, f)
 
 
@@ -113,6 +118,7 @@ def ref_gjsd(s, te, mask, beta, tau=1.0):
         p, q = np.exp(np_log_softmax(t_row, tau)), np.exp(np_log_softmax(s_row, tau))
         m = beta * p + (1 - beta) * q
         return beta * np_kl_to_mixture(p, m) + (1 - beta) * np_kl_to_mixture(q, m)
+
     return np_token_values(s, te, mask, f)
 
 
@@ -209,8 +215,12 @@ def test_reverse_kl_matches_minillm_reg_loss_value_and_grad():
     s, te, mask = make_case(1)
     inf_mask = np.isinf(s) & np.isinf(te)  # MiniLLM applies the sampler's inf_mask to both models
     s_t = torch.tensor(np.where(np.isinf(s), 0.0, s), dtype=torch.float64, requires_grad=True)
-    ref = torch_reg_loss(s_t, torch.tensor(np.where(np.isinf(te), 0.0, te), dtype=torch.float64),
-                         torch.tensor(inf_mask), torch.tensor(mask, dtype=torch.float64))
+    ref = torch_reg_loss(
+        s_t,
+        torch.tensor(np.where(np.isinf(te), 0.0, te), dtype=torch.float64),
+        torch.tensor(inf_mask),
+        torch.tensor(mask, dtype=torch.float64),
+    )
     ref.backward()
     # Shared filter only (the port's masked_fill reproduces exactly that set of -inf entries).
     s_shared = np.where(inf_mask, -np.inf, np.where(np.isinf(s), 0.0, s)).astype(np.float32)
@@ -241,8 +251,11 @@ def test_policy_gradient_matches_minillm_pg_loss_value_and_grad():
         assert clipped[mask == 1].any() and (~clipped[mask == 1]).any()  # both regimes exercised
     # No weights = weights of one.
     ones = np.ones_like(w)
-    np.testing.assert_allclose(float(L.policy_gradient_loss(lp, old, adv, mask)),
-                               float(L.policy_gradient_loss(lp, old, adv, mask, weights=ones)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(L.policy_gradient_loss(lp, old, adv, mask)),
+        float(L.policy_gradient_loss(lp, old, adv, mask, weights=ones)),
+        rtol=1e-6,
+    )
 
 
 def ref_paper_advantages(r, mask, gamma, include_current, length_norm, whiten):
@@ -267,8 +280,9 @@ def test_long_term_advantages_match_numpy(gamma, include_current, length_norm, w
     rng = np.random.default_rng(3)
     r = rng.normal(size=(B, T))
     _, _, mask = make_case(0)
-    got = L.long_term_advantages(r, mask, gamma=gamma, include_current=include_current,
-                                 length_norm=length_norm, whiten=whiten)
+    got = L.long_term_advantages(
+        r, mask, gamma=gamma, include_current=include_current, length_norm=length_norm, whiten=whiten
+    )
     want = ref_paper_advantages(r, mask, gamma, include_current, length_norm, whiten)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
@@ -301,13 +315,17 @@ def test_importance_weights_rewards_k3_and_token_logprobs():
         want = np.exp(lq) / (alpha * np.exp(lp) + (1 - alpha) * np.exp(lq))
         np.testing.assert_allclose(np.asarray(L.mixed_importance_weights(lq, lp, alpha)), want, rtol=1e-5)
     rew = L.reverse_kl_rewards(lp, lq, mask, scale=0.5, clip=1.0)
-    np.testing.assert_allclose(np.asarray(rew), np.where(mask == 1, np.clip((lp - lq) / 0.5, -1, 1), 0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(rew), np.where(mask == 1, np.clip((lp - lq) / 0.5, -1, 1), 0), rtol=1e-5, atol=1e-6
+    )
     ref = torch_rev_kl_logged(torch.tensor(lp), torch.tensor(lq), torch.tensor(mask, dtype=torch.float64))
     np.testing.assert_allclose(float(L.k3_reverse_kl_estimate(lp, lq, mask)), ref.item(), rtol=1e-5)
     d = (lp - lq)[mask == 1]
-    np.testing.assert_allclose(float(L.k3_reverse_kl_estimate(lp, lq, mask, per_sequence=False)),
-                               np.mean(np.exp(d) - 1 - d), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(L.k3_reverse_kl_estimate(lp, lq, mask, per_sequence=False)),
+        np.mean(np.exp(d) - 1 - d),
+        rtol=1e-5,
+    )
 
     s, _, _ = make_case(6)
     ids = rng.integers(0, V, size=(B, T))
@@ -351,8 +369,12 @@ def test_feature_and_relation_alignment_match_numpy():
         out = L.cross_modal_alignment(hs, ht, img, ans, kind=kind, proj=proj, relation=True)
         np.testing.assert_allclose(float(out["image"]), ref_group(kind, img), rtol=1e-5, err_msg=kind)
         np.testing.assert_allclose(float(out["text"]), ref_group(kind, ans), rtol=1e-5, err_msg=kind)
-        np.testing.assert_allclose(float(L.feature_alignment_loss(hs, ht, img + ans, kind=kind, proj=proj)),
-                                   ref_group(kind, img + ans), rtol=1e-5, err_msg=kind)
+        np.testing.assert_allclose(
+            float(L.feature_alignment_loss(hs, ht, img + ans, kind=kind, proj=proj)),
+            ref_group(kind, img + ans),
+            rtol=1e-5,
+            err_msg=kind,
+        )
 
     # Relation alignment: cosine-similarity matrices over valid pairs; widths may differ (no map).
     tot, cnt = 0.0, 0
@@ -419,11 +441,13 @@ def test_gradients_match_finite_differences():
     with jax.enable_x64(True):
         s, te, mask = make_case(8, b=2, t=3, v=5, dtype=np.float64)
         mask = np.array([[1, 1, 0], [1, 1, 1]])
-        for name, fn in [("fkl", lambda x: L.forward_kl(x, te, mask, temperature=0.8)),
-                         ("rkl", lambda x: L.reverse_kl(x, te, mask, temperature=0.8)),
-                         ("sfkl", lambda x: L.skew_forward_kl(x, te, mask)),
-                         ("srkl", lambda x: L.skew_reverse_kl(x, te, mask)),
-                         ("jsd", lambda x: L.generalized_jsd(x, te, mask, beta=0.3))]:
+        for name, fn in [
+            ("fkl", lambda x: L.forward_kl(x, te, mask, temperature=0.8)),
+            ("rkl", lambda x: L.reverse_kl(x, te, mask, temperature=0.8)),
+            ("sfkl", lambda x: L.skew_forward_kl(x, te, mask)),
+            ("srkl", lambda x: L.skew_reverse_kl(x, te, mask)),
+            ("jsd", lambda x: L.generalized_jsd(x, te, mask, beta=0.3)),
+        ]:
             # x64 really is on: the function value is float64.
             assert fn(jnp.asarray(s)).dtype == jnp.float64, name
             fd_check(fn, s)
@@ -438,6 +462,7 @@ def test_gradients_match_finite_differences():
         k = rng.normal(size=(3, 5))
         m = np.array([[1, 1, 1, 0], [1, 0, 1, 1]])
         for kind in ("cosine", "mse", "mse_std"):
+
             def wrt_feats(x, kind=kind):
                 return L.feature_alignment_loss(x, ht, m, kind=kind, proj=lambda h: h @ k)
 
@@ -469,27 +494,40 @@ def test_chunked_equals_unchunked_value_and_grad():
 
     def terms(s_logits, t_logits, ids, old, adv, w):
         lq = L.token_logprobs(s_logits, ids)
-        return {"rkl": L.reverse_kl_per_token(s_logits, t_logits),
-                "fkl": L.forward_kl_per_token(s_logits, t_logits, temperature=0.9),
-                "pg": L.policy_gradient_per_token(lq, old, adv, w, clip_eps=0.2)}
+        return {
+            "rkl": L.reverse_kl_per_token(s_logits, t_logits),
+            "fkl": L.forward_kl_per_token(s_logits, t_logits, temperature=0.9),
+            "pg": L.policy_gradient_per_token(lq, old, adv, w, clip_eps=0.2),
+        }
 
     def chunked(ws, hs, chunk):
-        val, aux = L.chunked_token_loss(hs, ht, lambda h: h @ ws, lambda h: h @ wt, mask, terms,
-                                        chunk_size=chunk, token_args=(ids, old, adv, w))
+        val, aux = L.chunked_token_loss(
+            hs,
+            ht,
+            lambda h: h @ ws,
+            lambda h: h @ wt,
+            mask,
+            terms,
+            chunk_size=chunk,
+            token_args=(ids, old, adv, w),
+        )
         return val["rkl"] + 0.5 * val["fkl"] + val["pg"], (val, aux)
 
     def unchunked(ws, hs):
         s_logits, t_logits = hs @ ws, ht @ wt
         lq = L.token_logprobs(s_logits, ids)
-        val = {"rkl": L.reverse_kl(s_logits, t_logits, mask),
-               "fkl": L.forward_kl(s_logits, t_logits, mask, temperature=0.9),
-               "pg": L.policy_gradient_loss(lq, old, adv, mask, weights=w, clip_eps=0.2)}
+        val = {
+            "rkl": L.reverse_kl(s_logits, t_logits, mask),
+            "fkl": L.forward_kl(s_logits, t_logits, mask, temperature=0.9),
+            "pg": L.policy_gradient_loss(lq, old, adv, mask, weights=w, clip_eps=0.2),
+        }
         return val["rkl"] + 0.5 * val["fkl"] + val["pg"], val
 
     (u, uval), ug = jax.value_and_grad(unchunked, argnums=(0, 1), has_aux=True)(ws, hs)
     for chunk in (4, 5, 10):  # 4 does not divide T (padded last chunk)
-        (c, (cval, aux)), cg = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True),
-                                       static_argnums=2)(ws, hs, chunk)
+        (c, (cval, aux)), cg = jax.jit(
+            jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True), static_argnums=2
+        )(ws, hs, chunk)
         np.testing.assert_allclose(float(c), float(u), rtol=1e-5)
         for k in uval:
             np.testing.assert_allclose(float(cval[k]), float(uval[k]), rtol=1e-5, atol=1e-6, err_msg=k)
@@ -499,8 +537,16 @@ def test_chunked_equals_unchunked_value_and_grad():
             np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5)
 
     # Student-only terms (teacher None), single array output: SFT cross-entropy.
-    ce, aux = L.chunked_token_loss(hs, None, lambda h: h @ ws, None, mask,
-                                   lambda s, _t, y: -L.token_logprobs(s, y), chunk_size=3, token_args=(ids,))
+    ce, aux = L.chunked_token_loss(
+        hs,
+        None,
+        lambda h: h @ ws,
+        None,
+        mask,
+        lambda s, _t, y: -L.token_logprobs(s, y),
+        chunk_size=3,
+        token_args=(ids,),
+    )
     np.testing.assert_allclose(float(ce), float(L.cross_entropy(hs @ ws, ids, mask)), rtol=1e-5)
 
 
@@ -508,15 +554,21 @@ def test_chunked_loss_temp_memory_is_3x_lower_aot():
     """AOT (nothing allocated): temp memory of value_and_grad(reverse KL) wrt the student head + hidden."""
     b, t, d, v, chunk = 1, 1024, 256, 32000, 128
     sds = jax.ShapeDtypeStruct
-    args = (sds((d, v), jnp.float32), sds((b, t, d), jnp.float32), sds((d, v), jnp.float32),
-            sds((b, t, d), jnp.float32), sds((b, t), jnp.int32))
+    args = (
+        sds((d, v), jnp.float32),
+        sds((b, t, d), jnp.float32),
+        sds((d, v), jnp.float32),
+        sds((b, t, d), jnp.float32),
+        sds((b, t), jnp.int32),
+    )
 
     def unchunked(ws, hs, wt, ht, mask):
         return L.reverse_kl(hs @ ws, ht @ wt, mask)
 
     def chunked(ws, hs, wt, ht, mask):
-        val, _ = L.chunked_token_loss(hs, ht, lambda h: h @ ws, lambda h: h @ wt, mask,
-                                      L.reverse_kl_per_token, chunk_size=chunk)
+        val, _ = L.chunked_token_loss(
+            hs, ht, lambda h: h @ ws, lambda h: h @ wt, mask, L.reverse_kl_per_token, chunk_size=chunk
+        )
         return val
 
     def temp_bytes(f):
@@ -525,8 +577,10 @@ def test_chunked_loss_temp_memory_is_3x_lower_aot():
 
     full, chunked_bytes = temp_bytes(unchunked), temp_bytes(chunked)
     logits_bytes = b * t * v * 4
-    print(f"temp bytes: unchunked {full / 2**20:.1f} MiB, chunked {chunked_bytes / 2**20:.1f} MiB "
-          f"(one fp32 [B,T,V] logits = {logits_bytes / 2**20:.1f} MiB)")
+    print(
+        f"temp bytes: unchunked {full / 2**20:.1f} MiB, chunked {chunked_bytes / 2**20:.1f} MiB "
+        f"(one fp32 [B,T,V] logits = {logits_bytes / 2**20:.1f} MiB)"
+    )
     assert full >= 2 * logits_bytes  # the unchunked program really holds both models' full logits
     assert chunked_bytes * 3 <= full
     assert chunked_bytes < logits_bytes  # not even one model's full logits is live

@@ -1,4 +1,5 @@
 """The sharded distillation step: mesh == single device, frozen teacher, loss decreases, trainable subsets."""
+
 import dataclasses
 
 import jax
@@ -30,17 +31,30 @@ def make_batch(seed=0, image_seq=16):
     for b in range(B):
         p = [1] + [IMG] * image_seq + list(rng.integers(3, 100, size=2 + b % 4))
         a = list(rng.integers(3, 100, size=3 + b % 3)) + [2]
-        prompt[b, P - len(p):], pm[b, P - len(p):] = p, 1
+        prompt[b, P - len(p) :], pm[b, P - len(p) :] = p, 1
         s = p + a
-        ids[b, :len(s)], am[b, :len(s)], lm[b, len(p):len(s)] = s, 1, 1
-    return dict(pixel_values=rng.normal(size=(B, 32, 32, 3)).astype(np.float32), prompt_ids=prompt,
-                prompt_mask=pm, input_ids=ids, attention_mask=am, loss_mask=lm)
+        ids[b, : len(s)], am[b, : len(s)], lm[b, len(p) : len(s)] = s, 1, 1
+    return dict(
+        pixel_values=rng.normal(size=(B, 32, 32, 3)).astype(np.float32),
+        prompt_ids=prompt,
+        prompt_mask=pm,
+        input_ids=ids,
+        attention_mask=am,
+        loss_mask=lm,
+    )
 
 
 def full_spec(**kw):
-    return S.StepSpec(weights=dict(rkl=1.0, pg=1.0, feat_image=0.5, feat_text=0.5, feat_proj=0.5, sft=0.5, fkl=0.5),
-                      sampling=R.SamplingConfig(max_new_tokens=5, alpha=0.2), feature_layers=((-1, -1), (1, 2)),
-                      eos_id=2, pad_id=0, image_token_id=IMG, chunk_size=4, **kw)
+    return S.StepSpec(
+        weights=dict(rkl=1.0, pg=1.0, feat_image=0.5, feat_text=0.5, feat_proj=0.5, sft=0.5, fkl=0.5),
+        sampling=R.SamplingConfig(max_new_tokens=5, alpha=0.2),
+        feature_layers=((-1, -1), (1, 2)),
+        eos_id=2,
+        pad_id=0,
+        image_token_id=IMG,
+        chunk_size=4,
+        **kw,
+    )
 
 
 def build(spec, trainable="all", mesh=None, lr=1e-3):
@@ -53,8 +67,9 @@ def build(spec, trainable="all", mesh=None, lr=1e-3):
         with jax.set_mesh(mesh):
             rules.shard_model(ds, mesh)
             rules.shard_model(teacher, mesh)
-    tx = S.make_optimizer(ml_collections.ConfigDict(dict(lr=lr, total_steps=100, warmup_steps=0,
-                                                         schedule="constant")))
+    tx = S.make_optimizer(
+        ml_collections.ConfigDict(dict(lr=lr, total_steps=100, warmup_steps=0, schedule="constant"))
+    )
     init, step, parts = S.make_train_step(ds, teacher, spec, tx, trainable, mesh=mesh)
     return init, step, parts
 
@@ -120,10 +135,12 @@ def test_trainable_subsets(trainable, expect):
     student = LlavaModel(scfg, rngs=nnx.Rngs(1))
     if expect == "lora":
         from rskd_jax.models import LoRAConfig, apply_lora
+
         apply_lora(student, LoRAConfig(rank=4, alpha=8.0, dropout=0.0), rngs=nnx.Rngs(2))
     ds = S.DistillStudent(student, {})
-    tx = S.make_optimizer(ml_collections.ConfigDict(dict(lr=1e-2, total_steps=10, warmup_steps=0,
-                                                         schedule="constant")))
+    tx = S.make_optimizer(
+        ml_collections.ConfigDict(dict(lr=1e-2, total_steps=10, warmup_steps=0, schedule="constant"))
+    )
     init, step, parts = S.make_train_step(ds, None, spec, tx, trainable)
     paths = ["/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(parts["params"])[0]]
     assert paths and all(expect in p for p in paths), paths[:5]
@@ -133,7 +150,9 @@ def test_trainable_subsets(trainable, expect):
     new, m = step(state, parts["frozen"], None, make_batch(2))  # donates state (and so parts["params"])
     moved = [not np.allclose(a, np.asarray(b)) for a, b in zip(params_before, jax.tree.leaves(new.params))]
     assert any(moved)
-    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(frozen_before, jax.tree.leaves(parts["frozen"])))
+    assert all(
+        np.array_equal(a, np.asarray(b)) for a, b in zip(frozen_before, jax.tree.leaves(parts["frozen"]))
+    )
 
 
 def test_nonfinite_step_is_skipped():
@@ -154,7 +173,7 @@ def test_grad_accumulation_matches_full_batch_for_equal_token_counts():
     batch = make_batch(4)
     # equal answer-token counts per micro-batch so the token means agree: copy the first half into the second
     for k in batch:
-        batch[k][B // 2:] = batch[k][:B // 2]
+        batch[k][B // 2 :] = batch[k][: B // 2]
     _, la, _ = run_steps(1, spec1, batch=batch)
     _, lb, _ = run_steps(1, spec2, batch=batch)
     assert abs(la[0]["loss/sft"] - lb[0]["loss/sft"]) < 1e-5

@@ -9,25 +9,28 @@ from matplotlib.path import Path
 from rskd_jax.eval import boxes as B
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("{<16><55><24><63>|<11>}", [(16, 55, 24, 63, 11)]),
-    ("{<16><55><24><63>|<11>}{<8><82><16><90>|<69>}", [(16, 55, 24, 63, 11), (8, 82, 16, 90, 69)]),
-    ("There is a <p>plane</p> {<16><55><24><63>|<11>} on the runway.", [(16, 55, 24, 63, 11)]),
-    ("{<1><2><3><4>}", [(1, 2, 3, 4, 0)]),  # no angle -> 0
-    ("{<1><2><3><4>|11}", [(1, 2, 3, 4, 11)]),  # bare angle
-    ("{ <1> <2> <3> <4> | <-30> }", [(1, 2, 3, 4, -30)]),  # spaces, negative angle
-    ("{<60><70><40><50>|<5>}", [(40, 50, 60, 70, 5)]),  # swapped corners are ordered
-    ("{<12.5><2><30><4.25>|<0>}", [(12.5, 2, 30, 4.25, 0)]),
-    ("<1><2><3><4>", [(1, 2, 3, 4, 0)]),  # bare run, no braces (the demo accepts it)
-    # malformed: too few numbers, non-numbers, unclosed (truncated generation), empty, none at all
-    ("{<1><2><3>}", []),
-    ("{<a><b><c><d>|<e>}", []),
-    ("{<1><2><3><4>|<5>}{<6><7><8>", [(1, 2, 3, 4, 5)]),
-    ("{<1><2><3>", []),
-    ("", []),
-    ("I cannot find it.", []),
-    (None, []),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("{<16><55><24><63>|<11>}", [(16, 55, 24, 63, 11)]),
+        ("{<16><55><24><63>|<11>}{<8><82><16><90>|<69>}", [(16, 55, 24, 63, 11), (8, 82, 16, 90, 69)]),
+        ("There is a <p>plane</p> {<16><55><24><63>|<11>} on the runway.", [(16, 55, 24, 63, 11)]),
+        ("{<1><2><3><4>}", [(1, 2, 3, 4, 0)]),  # no angle -> 0
+        ("{<1><2><3><4>|11}", [(1, 2, 3, 4, 11)]),  # bare angle
+        ("{ <1> <2> <3> <4> | <-30> }", [(1, 2, 3, 4, -30)]),  # spaces, negative angle
+        ("{<60><70><40><50>|<5>}", [(40, 50, 60, 70, 5)]),  # swapped corners are ordered
+        ("{<12.5><2><30><4.25>|<0>}", [(12.5, 2, 30, 4.25, 0)]),
+        ("<1><2><3><4>", [(1, 2, 3, 4, 0)]),  # bare run, no braces (the demo accepts it)
+        # malformed: too few numbers, non-numbers, unclosed (truncated generation), empty, none at all
+        ("{<1><2><3>}", []),
+        ("{<a><b><c><d>|<e>}", []),
+        ("{<1><2><3><4>|<5>}{<6><7><8>", [(1, 2, 3, 4, 5)]),
+        ("{<1><2><3>", []),
+        ("", []),
+        ("I cannot find it.", []),
+        (None, []),
+    ],
+)
 def test_parse_boxes(text, expected):
     got = B.parse_boxes(text)
     assert [tuple(b) for b in got] == [tuple(float(x) for x in e) for e in expected]
@@ -112,8 +115,9 @@ def test_polygons_pixels_and_conversions():
     hbb = B.polygon_to_hbb([0, 0, 10, 0, 10, 5, 0, 5])
     assert tuple(hbb) == (0, 0, 10, 5, 0)
     # pixel polygon of a 1024 px image -> 0-100 grid
-    assert np.allclose(B.scale_polygon([0, 0, 512, 0, 512, 256, 0, 256], (1024, 1024)),
-                       [[0, 0], [50, 0], [50, 25], [0, 25]])
+    assert np.allclose(
+        B.scale_polygon([0, 0, 512, 0, 512, 256, 0, 256], (1024, 1024)), [[0, 0], [50, 0], [50, 25], [0, 25]]
+    )
     with pytest.raises(ValueError, match="4 .*5 .*8"):
         B.as_polygon([1, 2, 3])
     assert B.iou_matrix([(0, 0, 10, 10)], [(0, 0, 10, 10), (5, 0, 15, 10)]).shape == (2, 1)

@@ -50,19 +50,39 @@ def _init(cfg, key):
     w = lambda *s: 0.05 * jax.random.normal(next(ks), s)
     hd, q, kv = t.head_dim, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     return dict(
-        patch=w(v.patch_size, v.patch_size, 3, v.hidden_size), cls=w(v.hidden_size),
+        patch=w(v.patch_size, v.patch_size, 3, v.hidden_size),
+        cls=w(v.hidden_size),
         pos=w(v.num_positions, v.hidden_size),
-        vlayers=[dict(wq=w(v.hidden_size, v.hidden_size), wk=w(v.hidden_size, v.hidden_size),
-                      wv=w(v.hidden_size, v.hidden_size), wo=w(v.hidden_size, v.hidden_size),
-                      b=w(v.hidden_size), w1=w(v.hidden_size, v.intermediate_size),
-                      w2=w(v.intermediate_size, v.hidden_size)) for _ in range(v.num_layers)],
-        p1=w(v.hidden_size, t.hidden_size), p2=w(t.hidden_size, t.hidden_size),
+        vlayers=[
+            dict(
+                wq=w(v.hidden_size, v.hidden_size),
+                wk=w(v.hidden_size, v.hidden_size),
+                wv=w(v.hidden_size, v.hidden_size),
+                wo=w(v.hidden_size, v.hidden_size),
+                b=w(v.hidden_size),
+                w1=w(v.hidden_size, v.intermediate_size),
+                w2=w(v.intermediate_size, v.hidden_size),
+            )
+            for _ in range(v.num_layers)
+        ],
+        p1=w(v.hidden_size, t.hidden_size),
+        p2=w(t.hidden_size, t.hidden_size),
         embed=w(t.vocab_size, t.hidden_size),
-        tlayers=[dict(wq=w(t.hidden_size, q), wk=w(t.hidden_size, kv), wv=w(t.hidden_size, kv),
-                      wo=w(q, t.hidden_size), wg=w(t.hidden_size, t.intermediate_size),
-                      wu=w(t.hidden_size, t.intermediate_size), wd=w(t.intermediate_size, t.hidden_size))
-                 for _ in range(t.num_layers)],
-        head=w(t.hidden_size, t.vocab_size), hd=hd)
+        tlayers=[
+            dict(
+                wq=w(t.hidden_size, q),
+                wk=w(t.hidden_size, kv),
+                wv=w(t.hidden_size, kv),
+                wo=w(q, t.hidden_size),
+                wg=w(t.hidden_size, t.intermediate_size),
+                wu=w(t.hidden_size, t.intermediate_size),
+                wd=w(t.intermediate_size, t.hidden_size),
+            )
+            for _ in range(t.num_layers)
+        ],
+        head=w(t.hidden_size, t.vocab_size),
+        hd=hd,
+    )
 
 
 def _ln(x):
@@ -79,7 +99,7 @@ def _rope(x, pos):  # [S, H, D] rotate-half
     ang = pos[:, None] * inv[None]
     ang = jnp.concatenate([ang, ang], -1)[:, None]
     cos, sin = jnp.cos(ang), jnp.sin(ang)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
 
@@ -106,8 +126,9 @@ def _forward(params, pixels, text_ids, cfg):
     """Unrolled LLaVA forward: CLIP tower (conv patch embed, pre-LN, MHA, quick-GELU MLP), hidden state
     ``vision_feature_layer`` without CLS, mlp2x_gelu projector, image tokens first, LLaMA decoder, LM head."""
     v = cfg.vision
-    x = jax.lax.conv_general_dilated(pixels, params["patch"], (v.patch_size,) * 2, "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(-1, v.hidden_size)
+    x = jax.lax.conv_general_dilated(
+        pixels, params["patch"], (v.patch_size,) * 2, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ).reshape(-1, v.hidden_size)
     x = _ln(jnp.concatenate([params["cls"][None], x]) + params["pos"])
     states = [x]
     hd = v.hidden_size // v.num_heads
@@ -204,7 +225,7 @@ def test_geochat_7b_flops_by_the_2_params_per_token_rule():
     llm_matmul_weights = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 4096 * 32000
     assert f["llm"] + f["lm_head"] == 2 * s * llm_matmul_weights + 32 * 4 * s * s * 4096
     clip_matmul_weights = 24 * (4 * 1024 * 1024 + 2 * 1024 * 4096)
-    assert f["vision"] == 2 * 1297 * clip_matmul_weights + 24 * 4 * 1297 ** 2 * 1024 + 2 * 1296 * 588 * 1024
+    assert f["vision"] == 2 * 1297 * clip_matmul_weights + 24 * 4 * 1297**2 * 1024 + 2 * 1296 * 588 * 1024
     assert f["projector"] == 2 * 1296 * (1024 * 4096 + 4096 * 4096)
     assert f["total"] == f["vision"] + f["projector"] + f["llm"] + f["lm_head"]  # 19.95 TFLOPs at 1360 tokens
 
@@ -217,14 +238,28 @@ def test_format_table_8_with_torch_param_counts():
     cfg = Cfg()
     v, t = cfg.vision, cfg.text
     hf = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                                       num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
-                                       image_size=v.image_size, patch_size=v.patch_size, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                                num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-                                head_dim=t.head_dim, tie_word_embeddings=False),
-        projector_hidden_act="gelu", image_token_index=t.vocab_size - 1)
+        vision_config=CLIPVisionConfig(
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            head_dim=t.head_dim,
+            tie_word_embeddings=False,
+        ),
+        projector_hidden_act="gelu",
+        image_token_index=t.vocab_size - 1,
+    )
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(hf)
     named = dict(model.named_parameters())
@@ -236,8 +271,9 @@ def test_format_table_8_with_torch_param_counts():
     assert vision + proj + llm == sum(p.numel() for p in named.values())
 
     def params_fn(_):
-        return dict(vision=vision, projector=proj, llm=llm, paper_total=llm + proj + pos,
-                    total=vision + proj + llm)
+        return dict(
+            vision=vision, projector=proj, llm=llm, paper_total=llm + proj + pos, total=vision + proj + llm
+        )
 
     table = flops.format_table_8({"tiny-teacher": cfg, "tiny-student": cfg}, seq_len=100, params_fn=params_fn)
     lines = table.splitlines()

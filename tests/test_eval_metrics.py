@@ -16,9 +16,13 @@ def test_scene_scores_hand_made_confusion():
     gts = ["beach"] * 4 + ["river"] * 2 + ["tenniscourt"]
     preds = ["Beach.", "beach", "river", "I think it is a desert", "River", "rivers", "Tennis courts"]
     r = M.scene_scores(preds, gts, classes)
-    expected = np.array([[2, 1, 0, 1],   # beach: 2 right, 1 -> river, 1 unmatched
-                         [0, 2, 0, 0],
-                         [0, 0, 1, 0]])
+    expected = np.array(
+        [
+            [2, 1, 0, 1],  # beach: 2 right, 1 -> river, 1 unmatched
+            [0, 2, 0, 0],
+            [0, 0, 1, 0],
+        ]
+    )
     np.testing.assert_array_equal(r["confusion"], expected)
     assert r["oa"] == pytest.approx(100 * 5 / 7)
     assert r["aa"] == pytest.approx((50 + 100 + 100) / 3)
@@ -62,11 +66,17 @@ def test_scene_ucmerced_folder_names(shared_data):
     folders = sorted(p.name for p in (shared_data / "UCMerced_LandUse" / "Images").iterdir() if p.is_dir())
     assert len(folders) == 21
     m = M.ClassMatcher(folders)
-    spaced = {"baseballdiamond": "baseball diamond", "denseresidential": "dense residential",
-              "golfcourse": "golf course", "mediumresidential": "medium residential",
-              "mobilehomepark": "mobile home park", "parkinglot": "parking lot",
-              "sparseresidential": "sparse residential", "storagetanks": "storage tanks",
-              "tenniscourt": "tennis court"}
+    spaced = {
+        "baseballdiamond": "baseball diamond",
+        "denseresidential": "dense residential",
+        "golfcourse": "golf course",
+        "mediumresidential": "medium residential",
+        "mobilehomepark": "mobile home park",
+        "parkinglot": "parking lot",
+        "sparseresidential": "sparse residential",
+        "storagetanks": "storage tanks",
+        "tenniscourt": "tennis court",
+    }
     for i, f in enumerate(folders):
         assert m.match(f) == i and m.match(spaced.get(f, f).title() + ".") == i
         assert m.match(f"This is an aerial image of {spaced.get(f, f)}.") == i
@@ -76,10 +86,17 @@ def test_scene_ucmerced_folder_names(shared_data):
 
 
 def test_vqa_scores_micro_and_macro():
-    preds = ["Yes.", "yes", "No, there is not.", "no",   # presence: 3/4 right
-             "Yes", "no",                                 # comp: 1/2
-             "Rural.",                                    # rural_urban: 1/1
-             "three", "5"]                                # count: 1/2 (not in mOA)
+    preds = [
+        "Yes.",
+        "yes",
+        "No, there is not.",
+        "no",  # presence: 3/4 right
+        "Yes",
+        "no",  # comp: 1/2
+        "Rural.",  # rural_urban: 1/1
+        "three",
+        "5",
+    ]  # count: 1/2 (not in mOA)
     gts = ["yes", "yes", "no", "yes", "yes", "yes", "rural", "3", "4"]
     types = ["presence"] * 4 + ["comp"] * 2 + ["rural_urban"] + ["count"] * 2
     r = M.vqa_scores(preds, gts, types)
@@ -109,8 +126,9 @@ def test_normalize_vqa_answer():
 
 def _brute_force_all_matched(iou, thr):
     n_gt, n_pred = iou.shape
-    return n_pred >= n_gt and any(all(iou[i, p[i]] >= thr for i in range(n_gt))
-                                  for p in itertools.permutations(range(n_pred), n_gt))
+    return n_pred >= n_gt and any(
+        all(iou[i, p[i]] >= thr for i in range(n_gt)) for p in itertools.permutations(range(n_pred), n_gt)
+    )
 
 
 def test_grounding_hand_made():
@@ -120,25 +138,35 @@ def test_grounding_hand_made():
     # Greedy (largest IoU first) pairs P1-GT1 and fails GT2; the one-to-one optimum P1-GT2, P2-GT1 succeeds.
     trap = "{<0.5><0><10.5><10>|<0>}{<-3><0><7><10>|<0>}"
     preds = [
-        "{<10><10><30><30>|<0>}",                            # exact
-        "{<10><10><30><30>|<0>}",                            # IoU 1/3 with [20,40]
-        "{<50><50><60><60>}{<0><0><10><10>}",               # two objects, swapped order
-        "{<0><0><10><10>}",                                  # two objects, one box
-        "{<1><2><3>} malformed",                             # no box
+        "{<10><10><30><30>|<0>}",  # exact
+        "{<10><10><30><30>|<0>}",  # IoU 1/3 with [20,40]
+        "{<50><50><60><60>}{<0><0><10><10>}",  # two objects, swapped order
+        "{<0><0><10><10>}",  # two objects, one box
+        "{<1><2><3>} malformed",  # no box
         trap,
     ]
-    gts = [[(10, 10, 30, 30)], [(20, 10, 40, 30)], [(0, 0, 10, 10), (50, 50, 60, 60)],
-           [(0, 0, 10, 10), (50, 50, 60, 60)], [(0, 0, 10, 10)], gt_trap]
+    gts = [
+        [(10, 10, 30, 30)],
+        [(20, 10, 40, 30)],
+        [(0, 0, 10, 10), (50, 50, 60, 60)],
+        [(0, 0, 10, 10), (50, 50, 60, 60)],
+        [(0, 0, 10, 10)],
+        gt_trap,
+    ]
     sizes = ["large", "small", "large", "small", "small", "large"]
     r = M.grounding_scores(preds, gts, groups={"size": sizes})
     assert r["acc@0.5"] == pytest.approx(100 * 3 / 6)  # samples 0, 2, 5
     assert r["acc@0.25"] == pytest.approx(100 * 4 / 6)  # + sample 1
     assert r["n_no_box"] == 1 and r["n"] == 6
-    assert r["by_group"]["objects"]["multi"] == {"n": 3, "acc@0.5": pytest.approx(200 / 3),
-                                                 "acc@0.25": pytest.approx(200 / 3)}
+    assert r["by_group"]["objects"]["multi"] == {
+        "n": 3,
+        "acc@0.5": pytest.approx(200 / 3),
+        "acc@0.25": pytest.approx(200 / 3),
+    }
     assert r["by_group"]["size"]["large"]["acc@0.5"] == 100.0
     # the trap, checked against brute force over all assignments
     from rskd_jax.eval import boxes as B
+
     iou = B.iou_matrix(B.parse_boxes(trap), gt_trap)
     assert iou[0, 0] == pytest.approx(9.5 / 10.5) and iou[1, 0] == pytest.approx(8.5 / 11.5)
     assert _brute_force_all_matched(iou, 0.5) and M._all_matched(iou, 0.5)
@@ -154,8 +182,9 @@ def test_grounding_polygons_pixels_and_rotation():
     r = M.grounding_scores(["{<40><40><60><60>|<45>}"], [[poly_px]], gt_image_sizes=[(1024, 1024)])
     assert r["mean_iou"] == pytest.approx(1 / np.sqrt(2))  # rotated 45° vs axis-aligned square
     assert r["acc@0.5"] == 100.0
-    hbb = M.grounding_scores(["{<40><40><60><60>|<45>}"], [[poly_px]], gt_image_sizes=[(1024, 1024)],
-                             rotated=False)
+    hbb = M.grounding_scores(
+        ["{<40><40><60><60>|<45>}"], [[poly_px]], gt_image_sizes=[(1024, 1024)], rotated=False
+    )
     # rotated=False compares enclosing axis-aligned boxes: the 45° prediction's has side 20√2 -> 400 / 800.
     assert hbb["mean_iou"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="no ground-truth box"):
@@ -185,8 +214,16 @@ def test_rouge_against_written_out_formula():
     for p, rs in zip(preds, refs):
         pw = M.clean_caption(p).lower().split()
         rs = [rs] if isinstance(rs, str) else rs
-        r1.append(max(_f(sum((collections.Counter(pw) & collections.Counter(x.split())).values()), len(pw),
-                         len(x.split())) for x in rs))
+        r1.append(
+            max(
+                _f(
+                    sum((collections.Counter(pw) & collections.Counter(x.split())).values()),
+                    len(pw),
+                    len(x.split()),
+                )
+                for x in rs
+            )
+        )
         rl.append(max(_f(_lcs(pw, x.split()), len(pw), len(x.split())) for x in rs))
     assert M.clean_caption(preds[0]) == "a white plane parked near the terminal"
     assert r["rouge1"] == pytest.approx(100 * np.mean(r1)) and r["rougeL"] == pytest.approx(100 * np.mean(rl))
@@ -201,8 +238,13 @@ def test_meteor_matches_pycocoevalcap():
 
     reference = Meteor()  # its JVM loads while ours does
     preds = ["<p>a white airplane</p>.", "storage tanks", "a large green field with trees", "", "ship\nboat"]
-    refs = [["a white plane", "an airplane parked at the gate"], ["two round storage tanks"],
-            ["a green farmland"], ["a harbor"], ["a ship"]]
+    refs = [
+        ["a white plane", "an airplane parked at the gate"],
+        ["two round storage tanks"],
+        ["a green farmland"],
+        ["a harbor"],
+        ["a ship"],
+    ]
     r = M.caption_scores(preds, refs)
     gts = {i: [M.clean_caption(x) for x in rs] for i, rs in enumerate(refs)}
     res = {i: [" ".join(M.clean_caption(p).split())] for i, p in enumerate(preds)}

@@ -20,10 +20,14 @@ def _model_results(shift: int):
     vqa_t = ["presence"] * 3 + ["comp"] * 3 + ["rural_urban"] * 2 + ["count"]
     boxes = ["{<10><10><30><30>|<0>}", "{<40><40><60><60>|<45>}" if shift else "no box", "{<0><0><5><5>}"]
     gt_boxes = [[(10, 10, 30, 30)], [(40, 40, 60, 60)], [(50, 50, 60, 60)]]
-    caps = M.caption_scores(["a white plane", "storage tanks" if shift else "a ship"],
-                            [["a white airplane"], ["two storage tanks"]], meteor=False)
-    counts = dict(vision=304e6, projector=21e6, llm=6738e6 - 1e9 * (shift > 0), paper_total=6760.72e6,
-                  total=7063e6)
+    caps = M.caption_scores(
+        ["a white plane", "storage tanks" if shift else "a ship"],
+        [["a white airplane"], ["two storage tanks"]],
+        meteor=False,
+    )
+    counts = dict(
+        vision=304e6, projector=21e6, llm=6738e6 - 1e9 * (shift > 0), paper_total=6760.72e6, total=7063e6
+    )
     params = dict(task="params_flops", params=counts, flops=dict(total=20e12), seq_len=1360)
     return {
         "UCMerced": M.scene_scores(preds, gts, classes),
@@ -37,8 +41,11 @@ def _model_results(shift: int):
 
 
 def test_markdown_report_layout_and_delta(tmp_path):
-    results = {"teacher": _model_results(2), "student (before)": _model_results(0),
-               "student (after)": _model_results(1)}
+    results = {
+        "teacher": _model_results(2),
+        "student (before)": _model_results(0),
+        "student (after)": _model_results(1),
+    }
     md = report.comparison_report(*results.values())
     assert "### Scene classification" in md
     assert "| model | UCMerced OA | UCMerced AA | AID OA | AID AA |" in md
@@ -50,7 +57,7 @@ def test_markdown_report_layout_and_delta(tmp_path):
     assert "params (M, paper)" in md and "6760.72" in md
     # rows: scene OA of the three models, and the after − before delta
     lines = md.splitlines()
-    scene = lines[lines.index("| model | UCMerced OA | UCMerced AA | AID OA | AID AA |") + 2:][:4]
+    scene = lines[lines.index("| model | UCMerced OA | UCMerced AA | AID OA | AID AA |") + 2 :][:4]
     oa = [100 * 6 / 12, 100 * 9 / 12, 100 * 12 / 12]  # before, after, teacher
     assert scene[0].startswith(f"| teacher | {oa[2]:.2f} |")
     assert scene[1].startswith(f"| student (before) | {oa[0]:.2f} |")
@@ -84,8 +91,9 @@ def _check_png(path, min_size=(100, 100)):
 
 def test_confusion_png(tmp_path):
     classes = ["beach", "river", "forest"]
-    r = M.scene_scores(["beach", "river", "huh", "forest", "forest"], ["beach", "river", "river", "forest",
-                                                                     "beach"], classes)
+    r = M.scene_scores(
+        ["beach", "river", "huh", "forest", "forest"], ["beach", "river", "river", "forest", "beach"], classes
+    )
     p = plots.plot_confusion(r["confusion"], classes, tmp_path / "cm.png", title="toy")
     _check_png(p)
     with pytest.raises(ValueError, match=r"\[3, 3\] or \[3, 4\]"):
@@ -102,11 +110,20 @@ def test_ucmerced_21_class_confusion_and_grounding_pngs(shared_data, tmp_path):
     assert r["confusion"].shape == (21, 22)
     cm = plots.plot_confusion(r["confusion"], classes, tmp_path / "ucm_cm.png", title=f"OA {r['oa']:.1f}")
     _check_png(cm, (500, 500))
-    examples = [dict(image=root / "airplane" / "airplane00.jpg", pred="{<20><30><45><55>|<30>}",
-                     gt=[(22, 28, 48, 52, 20)], title="[refer] airplane"),
-                dict(image=root / "storagetanks" / "storagetanks00.jpg",
-                     pred="{<10><10><30><30>|<0>}{<50><50><70><70>|<0>}",
-                     gt=[[10, 12, 30, 12, 30, 32, 10, 32], (55, 50, 75, 70)], title="[grounding] tanks")]
+    examples = [
+        dict(
+            image=root / "airplane" / "airplane00.jpg",
+            pred="{<20><30><45><55>|<30>}",
+            gt=[(22, 28, 48, 52, 20)],
+            title="[refer] airplane",
+        ),
+        dict(
+            image=root / "storagetanks" / "storagetanks00.jpg",
+            pred="{<10><10><30><30>|<0>}{<50><50><70><70>|<0>}",
+            gt=[[10, 12, 30, 12, 30, 32, 10, 32], (55, 50, 75, 70)],
+            title="[grounding] tanks",
+        ),
+    ]
     g = plots.plot_grounding(examples, tmp_path / "grounding.png", ncols=2)
     _check_png(g, (400, 200))
 
@@ -117,8 +134,12 @@ def test_grounding_and_loss_pngs_synthetic(tmp_path):
     g = plots.plot_grounding(ex, tmp_path / "g.png")
     _check_png(g)
     steps = np.arange(0, 100, 10)
-    p = plots.plot_loss_curves({"train": np.exp(-steps / 50), "eval": (steps[::2], np.exp(-steps[::2] / 40))},
-                               tmp_path / "loss.png", title="loss", logy=True)
+    p = plots.plot_loss_curves(
+        {"train": np.exp(-steps / 50), "eval": (steps[::2], np.exp(-steps[::2] / 40))},
+        tmp_path / "loss.png",
+        title="loss",
+        logy=True,
+    )
     _check_png(p)
     with pytest.raises(ValueError, match="steps vs"):
         plots.plot_loss_curves({"x": ([1, 2], [1.0])}, tmp_path / "bad.png")

@@ -1,4 +1,5 @@
 """Package foundation: import, pinned stack, console scripts, config parsing."""
+
 import ast
 import pathlib
 import subprocess
@@ -31,14 +32,24 @@ def test_torch_is_pinned_everywhere():
     torch_reqs = [r for r in reqs if r.split("=")[0].split("[")[0].strip() == "torch"]
     assert torch_reqs and all(r == "torch==2.13.0" for r in torch_reqs), torch_reqs
     pinned = {r.split("==")[0]: r.split("==")[1] for r in consts["INSTALL_REQUIRES"] if "==" in r}
-    for name, version in {"jax": "0.10.2", "jaxlib": "0.10.2", "flax": "0.12.8", "optax": "0.2.8",
-                          "orbax-checkpoint": "0.12.8", "grain": "0.2.18", "tensorflow-datasets": "4.9.10",
-                          "ml-collections": "1.1.0", "clu": "0.0.12", "transformers": "5.24.0"}.items():
+    for name, version in {
+        "jax": "0.10.2",
+        "jaxlib": "0.10.2",
+        "flax": "0.12.8",
+        "optax": "0.2.8",
+        "orbax-checkpoint": "0.12.8",
+        "grain": "0.2.18",
+        "tensorflow-datasets": "4.9.10",
+        "ml-collections": "1.1.0",
+        "clu": "0.0.12",
+        "transformers": "5.24.0",
+    }.items():
         assert pinned.get(name) == version, (name, pinned.get(name))
 
 
 def test_installed_versions_match_pins():
     from importlib.metadata import version
+
     consts = _setup_call()
     for req in consts["INSTALL_REQUIRES"]:
         if "==" in req:
@@ -48,8 +59,12 @@ def test_installed_versions_match_pins():
 
 @pytest.mark.parametrize("script", ["train", "convert", "eval", "plan"])
 def test_cli_help(script):
-    out = subprocess.run([sys.executable, str(ROOT / "launch" / f"{script}.py"), "--help"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / f"{script}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--" in out.stdout
 
@@ -71,6 +86,7 @@ def test_readme_quickstart_matches_ci():
 
 def test_config_arg_parsing():
     from configs import distill
+
     c = distill.get_config("tiny,steps=9")
     assert c.total_steps == 9 and c.optim.total_steps == 9
     with pytest.raises(KeyError, match="unknown"):

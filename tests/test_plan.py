@@ -1,5 +1,6 @@
 """launch/plan.py, the AOT memory / FLOPs plan. Fast path: 8 fake CPU devices on the tiny distill config (CI
 has no libtpu). One slow test compiles for a real TPU topology (v5p-8) when libtpu is installed."""
+
 import importlib.util
 import json
 import math
@@ -24,12 +25,21 @@ def run_cli(args, tmp_path, name):
     """launch/plan.py in a subprocess. The inherited XLA_FLAGS ask for 2 devices on purpose: the CLI must set
     --xla_force_host_platform_device_count itself. A persistent compilation cache lets a second run of the
     same program (another HBM size) skip the compile."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     out_json = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, "launch/plan.py", *args, "--json", str(out_json)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "launch/plan.py", *args, "--json", str(out_json)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads(out_json.read_text()) if out_json.exists() else None
     return proc, report
 
@@ -56,9 +66,12 @@ def vision_fwd(v, image, layers):
     """CLIP tower: patch conv + `layers` encoder layers over patches + CLS, matmul by matmul."""
     patches = (image // v["patch_size"]) ** 2
     t, d, i, h = patches + 1, v["hidden_size"], v["intermediate_size"], v["num_heads"]
-    per_layer = (4 * mm(t, d, d)  # q, k, v, out projections
-                 + h * (mm(t, d // h, t) + mm(t, t, d // h))  # scores, weighted values per head
-                 + mm(t, d, i) + mm(t, i, d))
+    per_layer = (
+        4 * mm(t, d, d)  # q, k, v, out projections
+        + h * (mm(t, d // h, t) + mm(t, t, d // h))  # scores, weighted values per head
+        + mm(t, d, i)
+        + mm(t, i, d)
+    )
     return mm(patches, 3 * v["patch_size"] ** 2, d) + layers * per_layer
 
 
@@ -92,12 +105,19 @@ def tiny_step_flops(c, batch):
 
     pad = lambda k: -(-k // min(128, k)) * min(128, k)  # loss chunks of 128 positions
     per_seq = (
-        frozen(s, p, p + r, True) + head(s, 1) + frozen(t, p, p + r, True) + head(t, 1)  # prefill
+        frozen(s, p, p + r, True)
+        + head(s, 1)
+        + frozen(t, p, p + r, True)
+        + head(t, 1)  # prefill
         + r * (frozen(s, 1, p + r, False) + head(s, 1) + frozen(t, 1, p + r, False) + head(t, 1))  # decode
-        + student_grad(p + r) + frozen(t, p + r, p + r, True)  # forwards over prompt + response
-        + 4 * head(s, pad(r)) + 2 * head(t, pad(r))  # student fwd + recompute + dX + dW; teacher x2
-        + student_grad(n) + frozen(t, n, n, True)  # forwards over the ground truth
-        + 4 * head(s, pad(n)) + 2 * head(t, pad(n))
+        + student_grad(p + r)
+        + frozen(t, p + r, p + r, True)  # forwards over prompt + response
+        + 4 * head(s, pad(r))
+        + 2 * head(t, pad(r))  # student fwd + recompute + dX + dW; teacher x2
+        + student_grad(n)
+        + frozen(t, n, n, True)  # forwards over the ground truth
+        + 4 * head(s, pad(n))
+        + 2 * head(t, pad(n))
         + 3 * mm(n, s["hidden_size"], t["hidden_size"])  # the trained feature map
     )
     return batch * per_seq
@@ -158,14 +178,20 @@ def test_flops_remat_and_lora():
     lora = P.step_flops(config, s_cfg, t_cfg, spec, ["model/llm/layers/q_proj/lora_a"], 8)["total"]
     d, i, rank = s["hidden_size"], s["intermediate_size"], config.lora.rank
     # x@A@B on q, k, v, o (d -> d) and gate, up (d -> i), down (i -> d), per token, all layers
-    per_token = s["num_layers"] * (4 * (mm(1, d, rank) + mm(1, rank, d))
-                                   + 3 * (mm(1, d, rank) + mm(1, rank, i)))
+    per_token = s["num_layers"] * (
+        4 * (mm(1, d, rank) + mm(1, rank, d)) + 3 * (mm(1, d, rank) + mm(1, rank, i))
+    )
     n_img = (c.image_size // config.student.vision["patch_size"]) ** 2
     proj = mm(n_img, config.student.vision["hidden_size"], d) + mm(n_img, d, d)
     head = lambda k: mm(k, d, c.vocab_size)
     # no dW for the decoder, the head (ground truth padded to 256) and the projector
-    delta = (-(dense_ro + dense_gt) - head(r) - head(256) - 2 * proj
-             + per_token * (c.prompt_len + r + 3 * ro + 3 * gt))  # adapters: prefill, decode, 2 grad passes
+    delta = (
+        -(dense_ro + dense_gt)
+        - head(r)
+        - head(256)
+        - 2 * proj
+        + per_token * (c.prompt_len + r + 3 * ro + 3 * gt)
+    )  # adapters: prefill, decode, 2 grad passes
     assert lora - base == 8 * delta
 
 
@@ -177,7 +203,12 @@ def test_settings_precedence_and_topologies():
     assert P.resolve_settings(geo, remat="dots_saveable")["remat"] == ("dots_saveable", "flag")
     s_cfg, t_cfg = P.model_configs(geo, st)
     assert (t_cfg.param_dtype, t_cfg.dtype, s_cfg.param_dtype, s_cfg.dtype, s_cfg.remat_policy) == (
-        "bfloat16", "bfloat16", "float32", "bfloat16", "full")
+        "bfloat16",
+        "bfloat16",
+        "float32",
+        "bfloat16",
+        "full",
+    )
     assert s_cfg.vision.image_size == 504 and t_cfg.text.num_layers == 40 and s_cfg.text.vocab_size == 32000
     tiny = distill.get_config("tiny")
     assert all(src == "model default" for _, src in P.resolve_settings(tiny).values())

@@ -1,5 +1,6 @@
 """Multi-host training, simulated with two local CPU processes (jax.distributed over gloo): the same losses and
 parameters as one process with the same global batch and device count."""
+
 import json
 import os
 import pathlib
@@ -17,8 +18,17 @@ pytestmark = pytest.mark.slow
 
 
 def cmd(workdir, *extra):
-    return [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "distill.py") + ":tiny",
-            "--stage", "teacher", "--workdir", str(workdir), *extra]
+    return [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "distill.py") + ":tiny",
+        "--stage",
+        "teacher",
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]
 
 
 def env(devices):
@@ -30,24 +40,45 @@ def load_numpy(path):
     with ocp.PyTreeCheckpointer() as c:
         meta = c.metadata(str(path))
         tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-        return c.restore(str(path), restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                                              tree))
+        return c.restore(
+            str(path), restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        )
 
 
 def test_two_processes_equal_one(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen(cmd(tmp_path / "two", "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
-                                  "--process_id", str(i)), env=env(2), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd(
+                tmp_path / "two",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num_processes",
+                "2",
+                "--process_id",
+                str(i),
+            ),
+            env=env(2),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert "process 1 of 2" in outs[1] or "process 1 of 2" in outs[0] or "jax.distributed" in "".join(outs)
-    one = subprocess.run(cmd(tmp_path / "one"), env=env(4), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        cmd(tmp_path / "one"), env=env(4), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    logs = [[json.loads(x) for x in (tmp_path / d / "teacher" / "metrics.jsonl").read_text().splitlines()]
-            for d in ("two", "one")]
+    logs = [
+        [json.loads(x) for x in (tmp_path / d / "teacher" / "metrics.jsonl").read_text().splitlines()]
+        for d in ("two", "one")
+    ]
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [2, 4]
     for a, b in zip(*logs):
         assert abs(a["loss/sft"] - b["loss/sft"]) <= 1e-5 * abs(b["loss/sft"])

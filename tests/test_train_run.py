@@ -1,6 +1,7 @@
 """`launch/train.py` end to end on the `tiny` preset of the embedded demo (teacher SFT -> student SFT -> distillation
 -> evaluation report), and its operations: SIGTERM -> save + exit 0, SIGKILL -> resume from the last checkpoint, a
 corrupt newest checkpoint -> fall back to the previous one; the resumed run ends bitwise equal to an uninterrupted run."""
+
 import json
 import os
 import pathlib
@@ -18,8 +19,17 @@ pytestmark = pytest.mark.slow
 
 
 def train(workdir, *flags, expect_rc=0, stage="distill"):
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "distill.py") + ":tiny",
-           "--workdir", str(workdir), "--stage", stage, *flags]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "distill.py") + ":tiny",
+        "--workdir",
+        str(workdir),
+        "--stage",
+        stage,
+        *flags,
+    ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == expect_rc, (out.returncode, out.stderr[-3000:])
@@ -32,7 +42,10 @@ def final_state(workdir, step=6):
 
 
 def logged(workdir):
-    return {r["step"]: r for r in map(json.loads, (workdir / "distill" / "metrics.jsonl").read_text().splitlines())}
+    return {
+        r["step"]: r
+        for r in map(json.loads, (workdir / "distill" / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +59,14 @@ def finished_run(tmp_path_factory):
 def test_demo_report(finished_run):
     a, log = finished_run
     md = (a / "report.md").read_text()
-    for heading in ("Scene classification", "VQA", "grounding", "Region captioning", "Parameters and FLOPs",
-                    "Divergence to the teacher"):
+    for heading in (
+        "Scene classification",
+        "VQA",
+        "grounding",
+        "Region captioning",
+        "Parameters and FLOPs",
+        "Divergence to the teacher",
+    ):
         assert heading.lower() in md.lower(), heading
     rep = json.loads((a / "report.json").read_text())
     before, after = rep["divergence"]["student (before)"], rep["divergence"]["student (after)"]

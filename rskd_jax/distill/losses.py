@@ -24,6 +24,7 @@ Vocabulary-sized terms can be evaluated in sequence chunks with rematerialisatio
 so fp32 [B, T, V] logits of both models never exist at once; every divergence therefore has a
 `*_per_token(...) -> [B, T]` form that the chunked loop (or `masked_mean`) reduces.
 """
+
 from __future__ import annotations
 
 import math
@@ -214,8 +215,9 @@ def mixed_importance_weights(student_logprobs: Array, teacher_logprobs: Array, a
     return jnp.exp(lq - _log_mix(lp, lq, alpha))
 
 
-def reverse_kl_rewards(teacher_logprobs: Array, old_logprobs: Array, mask: Array, scale: float = 1.0,
-                       clip: float | None = None) -> Array:
+def reverse_kl_rewards(
+    teacher_logprobs: Array, old_logprobs: Array, mask: Array, scale: float = 1.0, clip: float | None = None
+) -> Array:
     """Per-token reward r_t = (log p(y_t) - log q_old(y_t)) / scale, optionally clipped to ±clip, 0 at pads.
 
     MiniLLM scripts use scale 0.5, clip 100 (the scale is irrelevant after whitening except through the clip).
@@ -226,8 +228,14 @@ def reverse_kl_rewards(teacher_logprobs: Array, old_logprobs: Array, mask: Array
     return jax.lax.stop_gradient(jnp.where(jnp.asarray(mask) != 0, r, 0.0))
 
 
-def long_term_advantages(rewards: Array, mask: Array, gamma: float = 1.0, include_current: bool = False,
-                         length_norm: bool = True, whiten: bool = False) -> Array:
+def long_term_advantages(
+    rewards: Array,
+    mask: Array,
+    gamma: float = 1.0,
+    include_current: bool = False,
+    length_norm: bool = True,
+    whiten: bool = False,
+) -> Array:
     """Advantages for the long-term policy-gradient term, [B, T] -> [B, T] (detached, 0 at padded positions).
 
     Return G_t = sum_{t' >= t} gamma^(t'-t) r_t'  (rewards at padded positions are zeroed first).
@@ -258,6 +266,7 @@ def long_term_advantages(rewards: Array, mask: Array, gamma: float = 1.0, includ
         def step(carry, xt):
             carry = xt + discount * carry
             return carry, carry
+
         _, out = jax.lax.scan(step, jnp.zeros_like(x[:, 0]), x.T, reverse=True)
         return out.T
 
@@ -274,8 +283,13 @@ def long_term_advantages(rewards: Array, mask: Array, gamma: float = 1.0, includ
     return jax.lax.stop_gradient(jnp.where(valid, adv, 0.0))
 
 
-def policy_gradient_per_token(logprobs: Array, old_logprobs: Array, advantages: Array,
-                              weights: Array | None = None, clip_eps: float = 0.2) -> Array:
+def policy_gradient_per_token(
+    logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    weights: Array | None = None,
+    clip_eps: float = 0.2,
+) -> Array:
     """PPO-clipped per-token loss max(-A·ratio, -A·clip(ratio, 1 ± eps)), ratio = exp(log q - log q_old)·w.
 
     As MiniLLM's `_pg_loss`: the importance weight w multiplies the ratio BEFORE clipping. Only `logprobs`
@@ -289,8 +303,14 @@ def policy_gradient_per_token(logprobs: Array, old_logprobs: Array, advantages: 
     return jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
 
 
-def policy_gradient_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
-                         weights: Array | None = None, clip_eps: float = 0.2) -> Array:
+def policy_gradient_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    mask: Array,
+    weights: Array | None = None,
+    clip_eps: float = 0.2,
+) -> Array:
     """Masked token mean of `policy_gradient_per_token` (MiniLLM `_pg_loss`; clip 0.2 default)."""
     valid = jnp.asarray(mask) != 0
     # Padded positions are excluded before exp (MiniLLM multiplies the log-ratio by the mask).
@@ -300,8 +320,9 @@ def policy_gradient_loss(logprobs: Array, old_logprobs: Array, advantages: Array
     return masked_mean(per_token, valid)
 
 
-def k3_reverse_kl_estimate(logp_teacher: Array, logq_student: Array, mask: Array,
-                           per_sequence: bool = True) -> Array:
+def k3_reverse_kl_estimate(
+    logp_teacher: Array, logq_student: Array, mask: Array, per_sequence: bool = True
+) -> Array:
     """MiniLLM's logged reverse-KL estimate on sampled tokens: k3 = exp(d) - 1 - d >= 0, d = log p - log q.
 
     per_sequence=True matches MiniLLM's logged `rev_kl` with length_norm: per-sequence sum / length, then the
@@ -321,10 +342,16 @@ def k3_reverse_kl_estimate(logp_teacher: Array, logq_student: Array, mask: Array
 # Chunked evaluation of vocabulary-sized terms.
 
 
-def chunked_token_loss(student_hidden: Array, teacher_hidden: Array | None,
-                       student_head: Callable[[Array], Array], teacher_head: Callable[[Array], Array] | None,
-                       mask: Array, loss_fn: Callable[..., Any], chunk_size: int = 128,
-                       token_args: tuple[Array, ...] = ()) -> tuple[Any, dict]:
+def chunked_token_loss(
+    student_hidden: Array,
+    teacher_hidden: Array | None,
+    student_head: Callable[[Array], Array],
+    teacher_head: Callable[[Array], Array] | None,
+    mask: Array,
+    loss_fn: Callable[..., Any],
+    chunk_size: int = 128,
+    token_args: tuple[Array, ...] = (),
+) -> tuple[Any, dict]:
     """Masked token mean of a per-token loss, computed over sequence chunks with rematerialisation.
 
     Args:
@@ -352,7 +379,8 @@ def chunked_token_loss(student_hidden: Array, teacher_hidden: Array | None,
         raise ValueError("teacher_hidden and teacher_head must be given together (or both None)")
     b, t = student_hidden.shape[:2]
     for name, x in [("teacher_hidden", teacher_hidden), ("mask", mask)] + [
-            (f"token_args[{i}]", a) for i, a in enumerate(token_args)]:
+        (f"token_args[{i}]", a) for i, a in enumerate(token_args)
+    ]:
         if x is not None and tuple(x.shape[:2]) != (b, t):
             raise ValueError(f"{name} must start with [B, T] = {(b, t)}, got shape {x.shape}")
     chunk_size = int(min(chunk_size, t))
@@ -364,8 +392,12 @@ def chunked_token_loss(student_hidden: Array, teacher_hidden: Array | None,
         return jnp.moveaxis(x.reshape(b, n_chunks, chunk_size, *x.shape[2:]), 1, 0)
 
     valid = jnp.asarray(mask) != 0
-    xs = (split(student_hidden), None if teacher_hidden is None else split(teacher_hidden), split(valid),
-          tuple(split(jnp.asarray(a)) for a in token_args))
+    xs = (
+        split(student_hidden),
+        None if teacher_hidden is None else split(teacher_hidden),
+        split(valid),
+        tuple(split(jnp.asarray(a)) for a in token_args),
+    )
 
     def chunk_sums(s_h, t_h, m, args):
         s_logits = student_head(s_h)
@@ -397,8 +429,15 @@ class FeatureProjector(nnx.Module):
     default; lecun-normal init keeps the projected variance close to the input's.
     """
 
-    def __init__(self, d_student: int, d_teacher: int, rngs: nnx.Rngs, *, use_bias: bool = False,
-                 param_dtype: Any = jnp.float32):
+    def __init__(
+        self,
+        d_student: int,
+        d_teacher: int,
+        rngs: nnx.Rngs,
+        *,
+        use_bias: bool = False,
+        param_dtype: Any = jnp.float32,
+    ):
         self.d_student, self.d_teacher = d_student, d_teacher
         self.linear = nnx.Linear(d_student, d_teacher, use_bias=use_bias, param_dtype=param_dtype, rngs=rngs)
 
@@ -421,8 +460,13 @@ def _standardise(x: Array, eps: float = 1e-6) -> Array:
 FEATURE_KINDS = ("cosine", "mse", "mse_std")
 
 
-def feature_alignment_per_token(student_feats: Array, teacher_feats: Array, *, kind: str = "cosine",
-                                proj: Callable[[Array], Array] | None = None) -> Array:
+def feature_alignment_per_token(
+    student_feats: Array,
+    teacher_feats: Array,
+    *,
+    kind: str = "cosine",
+    proj: Callable[[Array], Array] | None = None,
+) -> Array:
     """Per-token distance between (projected) student and teacher features, [..., D] -> [...].
 
     kind: "cosine" -> 1 - cos(s, t); "mse" -> mean_d (s - t)^2; "mse_std" -> the same after standardising each
@@ -433,8 +477,10 @@ def feature_alignment_per_token(student_feats: Array, teacher_feats: Array, *, k
     s = student_feats if proj is None else proj(student_feats)
     s, t = _float(s), jax.lax.stop_gradient(_float(teacher_feats))
     if s.shape != t.shape:
-        raise ValueError(f"student features {s.shape} (after proj) do not match teacher features {t.shape}; "
-                         "pass proj=FeatureProjector(d_student, d_teacher, rngs) when the widths differ")
+        raise ValueError(
+            f"student features {s.shape} (after proj) do not match teacher features {t.shape}; "
+            "pass proj=FeatureProjector(d_student, d_teacher, rngs) when the widths differ"
+        )
     if kind == "cosine":
         return 1.0 - jnp.sum(_unit(s) * _unit(t), axis=-1)
     if kind == "mse_std":
@@ -442,8 +488,14 @@ def feature_alignment_per_token(student_feats: Array, teacher_feats: Array, *, k
     return jnp.mean(jnp.square(s - t), axis=-1)
 
 
-def feature_alignment_loss(student_feats: Array, teacher_feats: Array, mask: Array, *, kind: str = "cosine",
-                           proj: Callable[[Array], Array] | None = None) -> Array:
+def feature_alignment_loss(
+    student_feats: Array,
+    teacher_feats: Array,
+    mask: Array,
+    *,
+    kind: str = "cosine",
+    proj: Callable[[Array], Array] | None = None,
+) -> Array:
     """Masked token mean of `feature_alignment_per_token` (features [B, N, D], mask [B, N])."""
     return masked_mean(feature_alignment_per_token(student_feats, teacher_feats, kind=kind, proj=proj), mask)
 
@@ -464,9 +516,16 @@ def relation_alignment_loss(student_feats: Array, teacher_feats: Array, mask: Ar
     return masked_mean(jnp.square(diff), pairs)
 
 
-def cross_modal_alignment(student_h: Array, teacher_h: Array, image_mask: Array, answer_mask: Array, *,
-                          kind: str = "cosine", proj: Callable[[Array], Array] | None = None,
-                          relation: bool = False) -> dict[str, Array]:
+def cross_modal_alignment(
+    student_h: Array,
+    teacher_h: Array,
+    image_mask: Array,
+    answer_mask: Array,
+    *,
+    kind: str = "cosine",
+    proj: Callable[[Array], Array] | None = None,
+    relation: bool = False,
+) -> dict[str, Array]:
     """Feature alignment with image-token and answer-token groups averaged SEPARATELY.
 
     Separate means keep ~1296 image tokens from swamping ~10² answer tokens. Returns dict(image=..., text=...)

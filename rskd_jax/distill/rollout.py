@@ -14,6 +14,7 @@ fed back, the model would treat it as an image slot, not as text (transformers'
 `generate(suppress_tokens=[id])` does the same). Its logit is set to -inf in both models before temperature /
 top-k / top-p.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,9 @@ def process_logits(logits: jax.Array, temperature: float, top_k: int, top_p: flo
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         exclusive = jnp.cumsum(probs, axis=-1) - probs
         remove_sorted = (exclusive >= top_p).at[:, 0].set(False)  # HF TopPLogitsWarper; keeps the top token
-        remove = jnp.zeros_like(remove_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        remove = (
+            jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        )
         logits = jnp.where(remove, -jnp.inf, logits)
     return logits
 
@@ -67,8 +69,9 @@ def _next_logits(model, ids, mask, cache, pixel_values=None, vision_features=Non
     """Runs `model` on `ids` with `cache`: (logits of the last position [B, V], image placeholder suppressed;
     the new cache)."""
     last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
-    out = model(ids, pixel_values, attention_mask=mask, cache=cache, vision_features=vision_features,
-                logits_at=last)
+    out = model(
+        ids, pixel_values, attention_mask=mask, cache=cache, vision_features=vision_features, logits_at=last
+    )
     logits = out.logits[:, 0].astype(jnp.float32)
     image_id = getattr(getattr(model, "cfg", None), "image_token_id", None)
     if image_id is not None and 0 <= image_id < logits.shape[-1]:
@@ -76,8 +79,20 @@ def _next_logits(model, ids, mask, cache, pixel_values=None, vision_features=Non
     return logits, out.cache
 
 
-def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, *, eos_id: int, pad_id: int,
-           pixel_values=None, student_vision_features=None, teacher_vision_features=None) -> Rollout:
+def sample(
+    student,
+    teacher,
+    prompt_ids,
+    prompt_mask,
+    rng,
+    cfg: SamplingConfig,
+    *,
+    eos_id: int,
+    pad_id: int,
+    pixel_values=None,
+    student_vision_features=None,
+    teacher_vision_features=None,
+) -> Rollout:
     """Samples `cfg.max_new_tokens` tokens per row from the teacher-mixed distribution.
 
     prompt_ids / prompt_mask: [B, P], LEFT-padded (so every row's last prompt token sits at P - 1).
@@ -91,18 +106,41 @@ def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, 
     use_teacher = teacher is not None
     proc = lambda lg: process_logits(lg, cfg.temperature, cfg.top_k, cfg.top_p)
 
-    s_logits, s_cache = _next_logits(student, prompt_ids, prompt_mask, student.init_cache(batch, total),
-                                     pixel_values, student_vision_features)
+    s_logits, s_cache = _next_logits(
+        student,
+        prompt_ids,
+        prompt_mask,
+        student.init_cache(batch, total),
+        pixel_values,
+        student_vision_features,
+    )
     if use_teacher:
-        t_logits, t_cache = _next_logits(teacher, prompt_ids, prompt_mask, teacher.init_cache(batch, total),
-                                         pixel_values, teacher_vision_features)
+        t_logits, t_cache = _next_logits(
+            teacher,
+            prompt_ids,
+            prompt_mask,
+            teacher.init_cache(batch, total),
+            pixel_values,
+            teacher_vision_features,
+        )
     else:
         t_logits, t_cache = jnp.zeros_like(s_logits), None
 
     zeros_f = jnp.zeros((batch, steps), jnp.float32)
-    init = dict(t=jnp.int32(0), done=jnp.zeros((batch,), bool), rng=rng, s_logits=s_logits, t_logits=t_logits,
-                s_cache=s_cache, t_cache=t_cache, tokens=jnp.full((batch, steps), pad_id, jnp.int32),
-                mask=zeros_f, s_lp=zeros_f, t_lp=zeros_f, w=zeros_f)
+    init = dict(
+        t=jnp.int32(0),
+        done=jnp.zeros((batch,), bool),
+        rng=rng,
+        s_logits=s_logits,
+        t_logits=t_logits,
+        s_cache=s_cache,
+        t_cache=t_cache,
+        tokens=jnp.full((batch, steps), pad_id, jnp.int32),
+        mask=zeros_f,
+        s_lp=zeros_f,
+        t_lp=zeros_f,
+        w=zeros_f,
+    )
 
     def cond(c):
         return (c["t"] < steps) & ~jnp.all(c["done"])
@@ -113,8 +151,11 @@ def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, 
         if use_teacher:
             log_p = jax.nn.log_softmax(proc(c["t_logits"]), axis=-1)
             if cfg.alpha > 0:
-                log_mix = jnp.logaddexp(jnp.log(cfg.alpha) + log_p, jnp.log1p(-cfg.alpha) + log_q) \
-                    if cfg.alpha < 1 else log_p
+                log_mix = (
+                    jnp.logaddexp(jnp.log(cfg.alpha) + log_p, jnp.log1p(-cfg.alpha) + log_q)
+                    if cfg.alpha < 1
+                    else log_p
+                )
             else:
                 log_mix = log_q
         else:
@@ -136,11 +177,17 @@ def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, 
         # where, not multiply: a finished row's (unused) draw may have log q = -inf (outside the student's
         # top-k / top-p set when alpha > 0), and -inf * 0 is NaN in IEEE arithmetic (XLA currently rewrites
         # x * convert(pred) into a select, which hides it; that is an optimisation, not a guarantee).
-        out = dict(c, t=t + 1, rng=rng, tokens=tokens, mask=upd(c["mask"], vf),
-                   s_lp=upd(c["s_lp"], jnp.where(valid, lq, 0.0)),
-                   t_lp=upd(c["t_lp"], jnp.where(valid, lp_, 0.0)),
-                   w=upd(c["w"], jnp.where(valid, jnp.exp(lq - lm), 0.0)),
-                   done=c["done"] | (valid & (tok == eos_id)))
+        out = dict(
+            c,
+            t=t + 1,
+            rng=rng,
+            tokens=tokens,
+            mask=upd(c["mask"], vf),
+            s_lp=upd(c["s_lp"], jnp.where(valid, lq, 0.0)),
+            t_lp=upd(c["t_lp"], jnp.where(valid, lp_, 0.0)),
+            w=upd(c["w"], jnp.where(valid, jnp.exp(lq - lm), 0.0)),
+            done=c["done"] | (valid & (tok == eos_id)),
+        )
         feed = jnp.where(valid, tok, pad_id)[:, None]
         feed_mask = valid.astype(jnp.int32)[:, None]
         out["s_logits"], out["s_cache"] = _next_logits(student, feed, feed_mask, c["s_cache"])
@@ -149,13 +196,38 @@ def sample(student, teacher, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, 
         return out
 
     c = jax.lax.while_loop(cond, body, init)
-    return Rollout(tokens=c["tokens"], mask=c["mask"], student_logprobs=c["s_lp"], teacher_logprobs=c["t_lp"],
-                   weights=c["w"], lengths=c["mask"].sum(-1).astype(jnp.int32))
+    return Rollout(
+        tokens=c["tokens"],
+        mask=c["mask"],
+        student_logprobs=c["s_lp"],
+        teacher_logprobs=c["t_lp"],
+        weights=c["w"],
+        lengths=c["mask"].sum(-1).astype(jnp.int32),
+    )
 
 
-def greedy_generate(model, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_id: int, pad_id: int,
-                    pixel_values=None, vision_features=None) -> Rollout:
+def greedy_generate(
+    model,
+    prompt_ids,
+    prompt_mask,
+    max_new_tokens: int,
+    *,
+    eos_id: int,
+    pad_id: int,
+    pixel_values=None,
+    vision_features=None,
+) -> Rollout:
     """Greedy decoding of one model (evaluation); the same loop with alpha = 0 and argmax."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, alpha=0.0, greedy=True)
-    return sample(model, None, prompt_ids, prompt_mask, jax.random.key(0), cfg, eos_id=eos_id, pad_id=pad_id,
-                  pixel_values=pixel_values, student_vision_features=vision_features)
+    return sample(
+        model,
+        None,
+        prompt_ids,
+        prompt_mask,
+        jax.random.key(0),
+        cfg,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        pixel_values=pixel_values,
+        student_vision_features=vision_features,
+    )

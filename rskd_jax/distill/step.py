@@ -16,11 +16,11 @@ Per step, for each micro-batch (gradient accumulation is a `lax.scan` over micro
 4. clip + AdamW update of the trainable subset only (full student, LoRA, or a regex), alignment maps included.
    A step whose loss or gradients are not finite is skipped (state unchanged) and reported in `metrics["skipped"]`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
 
 import flax
 import jax
@@ -59,18 +59,24 @@ def trainable_filter(spec: str):
     spec: "all" (every student weight except the frozen CLIP tower), "all+vision", "lora" (LoRA adapters only), or a
     regex searched in the '/'-joined parameter path (big_vision style, e.g. "model/projector/.*").
     """
+
     def is_map(path):
         return len(path) > 0 and path[0] == "maps"
 
     if spec == "lora":
         from rskd_jax.models.lora import LoRAParam  # noqa: PLC0415
+
         return lambda path, v: isinstance(v, nnx.Param) and (is_map(path) or isinstance(v, LoRAParam))
     if spec in ("all", "all+vision"):
         keep_vision = spec == "all+vision"
-        return lambda path, v: isinstance(v, nnx.Param) and (
-            is_map(path) or keep_vision or "vision" not in [str(p) for p in path[:2]])
+        return lambda path, v: (
+            isinstance(v, nnx.Param)
+            and (is_map(path) or keep_vision or "vision" not in [str(p) for p in path[:2]])
+        )
     rx = re.compile(spec)
-    return lambda path, v: isinstance(v, nnx.Param) and (is_map(path) or rx.search(path_str(path)) is not None)
+    return lambda path, v: (
+        isinstance(v, nnx.Param) and (is_map(path) or rx.search(path_str(path)) is not None)
+    )
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -79,20 +85,32 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     warm = min(int(cfg.get("warmup_steps", 0)), steps - 1)  # a warm-up longer than the run is clamped
     sched_name = cfg.get("schedule", "cosine")
     if sched_name == "cosine":
-        sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warm, 1), max(steps, 2),
-                                                   end_value=cfg.lr * cfg.get("end_lr_factor", 0.0))
+        sched = optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, max(warm, 1), max(steps, 2), end_value=cfg.lr * cfg.get("end_lr_factor", 0.0)
+        )
     elif sched_name == "linear":
-        sched = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
-                                      optax.linear_schedule(cfg.lr, 0.0, max(steps - warm, 1))], [warm])
+        sched = optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
+                optax.linear_schedule(cfg.lr, 0.0, max(steps - warm, 1)),
+            ],
+            [warm],
+        )
     elif sched_name == "constant":
-        sched = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
-                                      optax.constant_schedule(cfg.lr)], [warm])
+        sched = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, max(warm, 1)), optax.constant_schedule(cfg.lr)], [warm]
+        )
     else:
         raise KeyError(f"config optim.schedule={sched_name!r}: expected cosine, linear or constant")
     return optax.chain(
         optax.clip_by_global_norm(cfg.get("grad_clip", 1.0)),
-        optax.adamw(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95), eps=cfg.get("eps", 1e-8),
-                    weight_decay=cfg.get("weight_decay", 0.0)),
+        optax.adamw(
+            sched,
+            b1=cfg.get("b1", 0.9),
+            b2=cfg.get("b2", 0.95),
+            eps=cfg.get("eps", 1e-8),
+            weight_decay=cfg.get("weight_decay", 0.0),
+        ),
     )
 
 
@@ -149,22 +167,43 @@ class StepSpec:
 
 def sft_spec(config, model_cfg) -> StepSpec:
     """Cross-entropy on the answer tokens only (teacher / baseline-student fine-tuning)."""
-    return StepSpec(weights=dict(sft=1.0), sampling=None, grad_accum=config.optim.get("grad_accum", 1),
-                    chunk_size=config.loss.get("chunk_size", 128), eos_id=model_cfg.eos_token_id,
-                    pad_id=model_cfg.pad_token_id, image_token_id=model_cfg.image_token_id)
+    return StepSpec(
+        weights=dict(sft=1.0),
+        sampling=None,
+        grad_accum=config.optim.get("grad_accum", 1),
+        chunk_size=config.loss.get("chunk_size", 128),
+        eos_id=model_cfg.eos_token_id,
+        pad_id=model_cfg.pad_token_id,
+        image_token_id=model_cfg.image_token_id,
+    )
 
 
 def spec_from_config(cfg, model_cfg) -> StepSpec:
     lo, sa = cfg.loss, cfg.sampling
     return StepSpec(
         weights=dict(lo.weights),
-        sampling=R.SamplingConfig(max_new_tokens=sa.max_new_tokens, alpha=sa.alpha, temperature=sa.temperature,
-                                  top_k=sa.top_k, top_p=sa.top_p),
-        clip_eps=lo.clip_eps, gamma=lo.gamma, include_current=lo.include_current, length_norm=lo.length_norm,
-        whiten=lo.whiten, temperature=lo.temperature, feature_kind=lo.feature_kind,
-        feature_layers=tuple(tuple(p) for p in lo.feature_layers), shared_vision=cfg.get("shared_vision", False),
-        grad_accum=cfg.optim.get("grad_accum", 1), chunk_size=lo.get("chunk_size", 128), eos_id=model_cfg.eos_token_id, pad_id=model_cfg.pad_token_id,
-        image_token_id=model_cfg.image_token_id)
+        sampling=R.SamplingConfig(
+            max_new_tokens=sa.max_new_tokens,
+            alpha=sa.alpha,
+            temperature=sa.temperature,
+            top_k=sa.top_k,
+            top_p=sa.top_p,
+        ),
+        clip_eps=lo.clip_eps,
+        gamma=lo.gamma,
+        include_current=lo.include_current,
+        length_norm=lo.length_norm,
+        whiten=lo.whiten,
+        temperature=lo.temperature,
+        feature_kind=lo.feature_kind,
+        feature_layers=tuple(tuple(p) for p in lo.feature_layers),
+        shared_vision=cfg.get("shared_vision", False),
+        grad_accum=cfg.optim.get("grad_accum", 1),
+        chunk_size=lo.get("chunk_size", 128),
+        eos_id=model_cfg.eos_token_id,
+        pad_id=model_cfg.pad_token_id,
+        image_token_id=model_cfg.image_token_id,
+    )
 
 
 def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepSpec):
@@ -179,37 +218,64 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
 
     if spec.needs_rollout:
         frozen = jax.lax.stop_gradient
-        ro = R.sample(frozen_model(model), frozen_model(teacher) if teacher is not None else None,
-                      batch["prompt_ids"], batch["prompt_mask"], rng, spec.sampling, eos_id=spec.eos_id,
-                      pad_id=spec.pad_id, pixel_values=pix, student_vision_features=sv,
-                      teacher_vision_features=tv)
+        ro = R.sample(
+            frozen_model(model),
+            frozen_model(teacher) if teacher is not None else None,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            rng,
+            spec.sampling,
+            eos_id=spec.eos_id,
+            pad_id=spec.pad_id,
+            pixel_values=pix,
+            student_vision_features=sv,
+            teacher_vision_features=tv,
+        )
         ro = jax.tree.map(frozen, ro)
         ids, mask, pos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
         s_out = model(ids, pix, attention_mask=mask, vision_features=sv, compute_logits=False)
-        t_out = jax.lax.stop_gradient(teacher(ids, pix, attention_mask=mask, vision_features=tv,
-                                              compute_logits=False))
+        t_out = jax.lax.stop_gradient(
+            teacher(ids, pix, attention_mask=mask, vision_features=tv, compute_logits=False)
+        )
         rmask = ro.mask
         rewards = (ro.teacher_logprobs - ro.student_logprobs) * rmask
-        adv = jax.lax.stop_gradient(L.long_term_advantages(
-            rewards, rmask, gamma=spec.gamma, include_current=spec.include_current, length_norm=spec.length_norm,
-            whiten=spec.whiten))
+        adv = jax.lax.stop_gradient(
+            L.long_term_advantages(
+                rewards,
+                rmask,
+                gamma=spec.gamma,
+                include_current=spec.include_current,
+                length_norm=spec.length_norm,
+                whiten=spec.whiten,
+            )
+        )
         tau, clip = spec.temperature, spec.clip_eps
 
         def per_token(s_lg, t_lg, tok, old, a, w):
             s_lg, t_lg = s_lg / tau, t_lg / tau
-            return dict(rkl=L.reverse_kl_per_token(s_lg, t_lg),
-                        pg=L.policy_gradient_per_token(L.token_logprobs(s_lg, tok), old, a, w, clip))
+            return dict(
+                rkl=L.reverse_kl_per_token(s_lg, t_lg),
+                pg=L.policy_gradient_per_token(L.token_logprobs(s_lg, tok), old, a, w, clip),
+            )
 
         terms, _ = L.chunked_token_loss(
-            _gather_positions(s_out.last_hidden, pos), _gather_positions(t_out.last_hidden, pos), model.logits,
-            teacher.logits, rmask, per_token, spec.chunk_size,
-            token_args=(ro.tokens, ro.student_logprobs, adv, ro.weights))
+            _gather_positions(s_out.last_hidden, pos),
+            _gather_positions(t_out.last_hidden, pos),
+            model.logits,
+            teacher.logits,
+            rmask,
+            per_token,
+            spec.chunk_size,
+            token_args=(ro.tokens, ro.student_logprobs, adv, ro.weights),
+        )
         for name in ("rkl", "pg"):
             if spec.w(name) > 0:
                 metrics[f"loss/{name}"] = terms[name]
                 total += spec.w(name) * terms[name]
         n = jnp.maximum(rmask.sum(), 1.0)
-        metrics["rollout/rev_kl_k3"] = L.k3_reverse_kl_estimate(ro.teacher_logprobs, ro.student_logprobs, rmask)
+        metrics["rollout/rev_kl_k3"] = L.k3_reverse_kl_estimate(
+            ro.teacher_logprobs, ro.student_logprobs, rmask
+        )
         metrics["rollout/length"] = ro.lengths.astype(jnp.float32).mean()
         metrics["rollout/iw_mean"] = (ro.weights * rmask).sum() / n
         metrics["rollout/iw_max"] = jnp.max(jnp.where(rmask > 0, ro.weights, -jnp.inf))
@@ -217,17 +283,32 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
 
     gt_terms = [k for k in ("sft", "fkl", "feat_image", "feat_text", "feat_proj") if spec.w(k) > 0]
     if gt_terms:
-        ids, amask, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"].astype(jnp.float32)
-        s_layers = tuple(p[0] for p in spec.feature_layers) if spec.w("feat_image") + spec.w("feat_text") else ()
+        ids, amask, lmask = (
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["loss_mask"].astype(jnp.float32),
+        )
+        s_layers = (
+            tuple(p[0] for p in spec.feature_layers) if spec.w("feat_image") + spec.w("feat_text") else ()
+        )
         t_layers = tuple(p[1] for p in spec.feature_layers) if s_layers else ()
-        s_out = model(ids, pix, attention_mask=amask, vision_features=sv, compute_logits=False,
-                      return_hidden=s_layers)
+        s_out = model(
+            ids, pix, attention_mask=amask, vision_features=sv, compute_logits=False, return_hidden=s_layers
+        )
         pred_mask = _answer_positions(lmask)  # positions whose logits predict an answer token
         targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
         t_out = None
         if teacher is not None and spec.needs_teacher_gt:
-            t_out = jax.lax.stop_gradient(teacher(ids, pix, attention_mask=amask, vision_features=tv,
-                                                  compute_logits=False, return_hidden=t_layers))
+            t_out = jax.lax.stop_gradient(
+                teacher(
+                    ids,
+                    pix,
+                    attention_mask=amask,
+                    vision_features=tv,
+                    compute_logits=False,
+                    return_hidden=t_layers,
+                )
+            )
         tau = spec.temperature
         use_fkl = spec.w("fkl") > 0 and t_out is not None
 
@@ -239,8 +320,15 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
 
         if spec.w("sft") > 0 or use_fkl:
             terms, _ = L.chunked_token_loss(
-                s_out.last_hidden, t_out.last_hidden if use_fkl else None, model.logits,
-                teacher.logits if use_fkl else None, pred_mask, per_token, spec.chunk_size, token_args=(targets,))
+                s_out.last_hidden,
+                t_out.last_hidden if use_fkl else None,
+                model.logits,
+                teacher.logits if use_fkl else None,
+                pred_mask,
+                per_token,
+                spec.chunk_size,
+                token_args=(targets,),
+            )
             for name in ("sft", "fkl"):
                 if spec.w(name) > 0 and name in terms:
                     metrics[f"loss/{name}"] = terms[name]
@@ -249,8 +337,14 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
             image_mask = (ids == spec.image_token_id).astype(jnp.float32) * amask
             for i, (si, ti) in enumerate(spec.feature_layers if s_layers else ()):
                 proj = student.maps[f"layer{i}"] if f"layer{i}" in student.maps else None
-                groups = L.cross_modal_alignment(s_out.hidden_states[si], t_out.hidden_states[ti], image_mask,
-                                                 lmask, kind=spec.feature_kind, proj=proj)
+                groups = L.cross_modal_alignment(
+                    s_out.hidden_states[si],
+                    t_out.hidden_states[ti],
+                    image_mask,
+                    lmask,
+                    kind=spec.feature_kind,
+                    proj=proj,
+                )
                 for key, wname in (("image", "feat_image"), ("text", "feat_text")):
                     if spec.w(wname) > 0:
                         metrics[f"loss/{wname}/{i}"] = groups[key]
@@ -258,8 +352,9 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
             if spec.w("feat_proj") > 0 and s_out.image_features is not None:
                 proj = student.maps["proj"] if "proj" in student.maps else None
                 valid = jnp.ones(s_out.image_features.shape[:2], jnp.float32)
-                fp = L.feature_alignment_loss(s_out.image_features, t_out.image_features, valid,
-                                              kind=spec.feature_kind, proj=proj)
+                fp = L.feature_alignment_loss(
+                    s_out.image_features, t_out.image_features, valid, kind=spec.feature_kind, proj=proj
+                )
                 metrics["loss/feat_proj"] = fp
                 total += spec.w("feat_proj") * fp
     metrics["loss/total"] = total
@@ -275,8 +370,9 @@ def frozen_model(model):
 def maps_for_spec(spec: StepSpec, student_cfg, teacher_cfg, rngs) -> dict:
     """The feature maps a step spec needs (one per aligned layer, + one for projected image tokens)."""
     feat = spec.w("feat_image") + spec.w("feat_text") > 0
-    return feature_maps_for(spec.feature_layers if feat else (), student_cfg, teacher_cfg, rngs,
-                            with_proj=spec.w("feat_proj") > 0)
+    return feature_maps_for(
+        spec.feature_layers if feat else (), student_cfg, teacher_cfg, rngs, with_proj=spec.w("feat_proj") > 0
+    )
 
 
 def feature_maps_for(spec_layers, student_cfg, teacher_cfg, rngs, with_proj: bool) -> dict:
@@ -291,8 +387,16 @@ def feature_maps_for(spec_layers, student_cfg, teacher_cfg, rngs, with_proj: boo
 
 
 # ----------------------------------------------------------------------------------------------- the step
-def make_train_step(student: DistillStudent, teacher, spec: StepSpec, tx: optax.GradientTransformation,
-                    trainable: str = "all", *, mesh=None, donate: bool = True):
+def make_train_step(
+    student: DistillStudent,
+    teacher,
+    spec: StepSpec,
+    tx: optax.GradientTransformation,
+    trainable: str = "all",
+    *,
+    mesh=None,
+    donate: bool = True,
+):
     """Builds `(init, step, parts)` for a `DistillStudent` (+ an optional frozen teacher).
 
     init: (params, rng_key) -> TrainState, where params = parts["params"] (the trainable subset).
@@ -315,7 +419,9 @@ def make_train_step(student: DistillStudent, teacher, spec: StepSpec, tx: optax.
         te = nnx.merge(t_graphdef, ts) if t_graphdef is not None else None
         return compute_loss(st, te, mb, rng, spec)
 
-    parts = dict(graphdef=graphdef, params=params, frozen=frozen, teacher_graphdef=t_graphdef, teacher=t_state)
+    parts = dict(
+        graphdef=graphdef, params=params, frozen=frozen, teacher_graphdef=t_graphdef, teacher=t_state
+    )
     sh = shardings(tx, parts, mesh) if mesh is not None else None
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -338,8 +444,12 @@ def make_train_step(student: DistillStudent, teacher, spec: StepSpec, tx: optax.
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(step=state.step + 1, params=pick(new_params, state.params),
-                               opt_state=pick(new_opt, state.opt_state), rng=rng)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=pick(new_params, state.params),
+            opt_state=pick(new_opt, state.opt_state),
+            rng=rng,
+        )
         metrics = dict(metrics, grad_norm=gnorm, skipped=(~finite).astype(jnp.float32))
         return new_state, metrics
 
@@ -348,8 +458,12 @@ def make_train_step(student: DistillStudent, teacher, spec: StepSpec, tx: optax.
         return init_fn, jax.jit(step_fn, **donate_kw), parts
     parts["shardings"] = sh
     init = jax.jit(init_fn, in_shardings=(sh["params"], sh["replicated"]), out_shardings=sh["state"])
-    step = jax.jit(step_fn, in_shardings=(sh["state"], sh["frozen"], sh["teacher"], sh["batch"]),
-                   out_shardings=(sh["state"], sh["replicated"]), **donate_kw)
+    step = jax.jit(
+        step_fn,
+        in_shardings=(sh["state"], sh["frozen"], sh["teacher"], sh["batch"]),
+        out_shardings=(sh["state"], sh["replicated"]),
+        **donate_kw,
+    )
     return init, step, parts
 
 
@@ -361,14 +475,28 @@ def make_distill_step(config, mesh, student, teacher, *, maps=None, donate: bool
     spec = spec_from_config(config, student.cfg)
     if maps is None:
         maps = maps_for_spec(spec, student.cfg, teacher.cfg, nnx.Rngs(config.seed + 7))
-    return make_train_step(DistillStudent(student, maps), teacher, spec, make_optimizer(config.optim),
-                           config.trainable, mesh=mesh, donate=donate)
+    return make_train_step(
+        DistillStudent(student, maps),
+        teacher,
+        spec,
+        make_optimizer(config.optim),
+        config.trainable,
+        mesh=mesh,
+        donate=donate,
+    )
 
 
 def make_sft_step(config, mesh, model, *, trainable: str | None = None, donate: bool = True):
     """Supervised fine-tuning (teacher or baseline student): cross-entropy on the answer tokens only."""
-    return make_train_step(DistillStudent(model), None, sft_spec(config, model.cfg), make_optimizer(config.optim),
-                           trainable or config.trainable, mesh=mesh, donate=donate)
+    return make_train_step(
+        DistillStudent(model),
+        None,
+        sft_spec(config, model.cfg),
+        make_optimizer(config.optim),
+        trainable or config.trainable,
+        mesh=mesh,
+        donate=donate,
+    )
 
 
 def _accumulate(grad_fn, params, fz, ts, batch, rng, k):
@@ -377,12 +505,15 @@ def _accumulate(grad_fn, params, fz, ts, batch, rng, k):
     rngs = jax.random.split(rng, k)
     first = jax.tree.map(lambda x: x[0], micro)
     (_, m_shape), _ = jax.eval_shape(grad_fn, params, fz, ts, first, rngs[0])
-    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape))
+    zeros = (
+        jax.tree.map(jnp.zeros_like, params),
+        jnp.float32(0.0),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape),
+    )
 
     def body(carry, xs):
-        (l, m), g = grad_fn(params, fz, ts, *xs)
-        return jax.tree.map(jnp.add, carry, (g, l, m)), None
+        (loss, m), g = grad_fn(params, fz, ts, *xs)
+        return jax.tree.map(jnp.add, carry, (g, loss, m)), None
 
     (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (micro, rngs))
     return (loss / k, jax.tree.map(lambda m: m / k, metrics)), jax.tree.map(lambda g: g / k, grads)
@@ -397,6 +528,7 @@ def shardings(tx, parts, mesh) -> dict:
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
     from rskd_jax.parallel import rules  # noqa: PLC0415
+
     repl = NamedSharding(mesh, P())
     flat, treedef = jax.tree_util.tree_flatten_with_path(parts["params"])
     leaves_sh = jax.tree.leaves(rules.named_shardings(parts["params"], mesh))
@@ -412,7 +544,11 @@ def shardings(tx, parts, mesh) -> dict:
         return repl
 
     opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, jax.eval_shape(tx.init, parts["params"]))
-    return dict(params=p_sh, state=TrainState(step=repl, params=p_sh, opt_state=opt_sh, rng=repl),
-                replicated=repl, frozen=rules.named_shardings(parts["frozen"], mesh),
-                teacher=rules.named_shardings(parts["teacher"], mesh) if parts["teacher"] is not None else None,
-                batch=NamedSharding(mesh, P(("data", "fsdp"))))  # a prefix for every [B, ...] batch array
+    return dict(
+        params=p_sh,
+        state=TrainState(step=repl, params=p_sh, opt_state=opt_sh, rng=repl),
+        replicated=repl,
+        frozen=rules.named_shardings(parts["frozen"], mesh),
+        teacher=rules.named_shardings(parts["teacher"], mesh) if parts["teacher"] is not None else None,
+        batch=NamedSharding(mesh, P(("data", "fsdp"))),
+    )  # a prefix for every [B, ...] batch array

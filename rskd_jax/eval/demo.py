@@ -6,6 +6,7 @@ Writes into the run's workdir:
   distill_curves.png        every loss term of the distillation and the sampled reverse-KL estimate over steps
   eval/<model>/             per-model predictions, confusion matrix and grounding PNGs
 """
+
 from __future__ import annotations
 
 import json
@@ -33,16 +34,23 @@ def loss_curves(metrics_jsonl: pathlib.Path, out_png: pathlib.Path) -> dict:
 def divergences(ctx, students: dict, teacher) -> dict:
     """Token-level KL of each student to the teacher on the evaluation split (training chat template)."""
     from rskd_jax.data import ExampleTransform, eval_batches  # noqa: PLC0415
+
     c = ctx.config
     out = {}
     for name, model in students.items():
         cfg = model.cfg
-        tr = ExampleTransform(str(ctx.tokenizer_dir), image_size=cfg.vision.image_size,
-                              image_seq_length=cfg.image_seq_length, max_len=c.data.seq_len,
-                              max_prompt_len=c.data.prompt_len, template=c.data.template)
+        tr = ExampleTransform(
+            str(ctx.tokenizer_dir),
+            image_size=cfg.vision.image_size,
+            image_seq_length=cfg.image_seq_length,
+            max_len=c.data.seq_len,
+            max_prompt_len=c.data.prompt_len,
+            template=c.data.template,
+        )
         batches = eval_batches(ctx.eval_source, tr, c.eval.batch_size)
-        out[name] = divergence_to_teacher(model, teacher, batches, max_new_tokens=c.sampling.max_new_tokens,
-                                          seed=c.seed)
+        out[name] = divergence_to_teacher(
+            model, teacher, batches, max_new_tokens=c.sampling.max_new_tokens, seed=c.seed
+        )
     return out
 
 
@@ -53,16 +61,29 @@ def final_report(ctx, *, teacher, before, after, distill_dir) -> dict:
     for name, model in zip(NAMES, (teacher, before, after)):
         log.info("evaluating %s on %s", name, ctx.eval_source)
         key = name.replace(" ", "_").replace("(", "").replace(")", "")
-        res = runner.evaluate(model, ctx.tokenizer_dir, {"rs-synth": ctx.eval_source}, tasks=tuple(c.eval.tasks),
-                              batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
-                              limit=c.eval.limit or None, out_dir=wd / "eval" / key, meteor=False,
-                              model_name=name, max_prompt_len=c.data.prompt_len, progress=False)
+        res = runner.evaluate(
+            model,
+            ctx.tokenizer_dir,
+            {"rs-synth": ctx.eval_source},
+            tasks=tuple(c.eval.tasks),
+            batch_size=c.eval.batch_size,
+            max_new_tokens=c.eval.max_new_tokens,
+            limit=c.eval.limit or None,
+            out_dir=wd / "eval" / key,
+            meteor=False,
+            model_name=name,
+            max_prompt_len=c.data.prompt_len,
+            progress=False,
+        )
         res["params_flops"] = flops.params_flops_metrics(model.cfg, c.data.seq_len)
         results[name] = res
     div = divergences(ctx, {NAMES[1]: before, NAMES[2]: after}, teacher)
     curves = loss_curves(pathlib.Path(distill_dir) / "metrics.jsonl", wd / "distill_curves.png")
-    md = report.comparison_report(*(results[n] for n in NAMES), names=NAMES,
-                                  title="rs-synth: teacher vs student before / after distillation")
+    md = report.comparison_report(
+        *(results[n] for n in NAMES),
+        names=NAMES,
+        title="rs-synth: teacher vs student before / after distillation",
+    )
     md += "\n" + divergence_table(div) + "\n"
     if curves:
         md += "\n![distillation curves](distill_curves.png)\n"
@@ -73,13 +94,18 @@ def final_report(ctx, *, teacher, before, after, distill_dir) -> dict:
 
 
 def divergence_table(div: dict) -> str:
-    rows = ["### Divergence to the teacher (rs-synth evaluation split; lower is closer)", "",
-            "| model | reverse KL, student samples | reverse KL, ground truth | forward KL, ground truth |",
-            "|---|---|---|---|"]
+    rows = [
+        "### Divergence to the teacher (rs-synth evaluation split; lower is closer)",
+        "",
+        "| model | reverse KL, student samples | reverse KL, ground truth | forward KL, ground truth |",
+        "|---|---|---|---|",
+    ]
     for name, d in div.items():
-        fmt = lambda k: f"{d[k]:.4f}" if k in d else "-"
+        fmt = lambda k, d=d: f"{d[k]:.4f}" if k in d else "-"
         rows.append(f"| {name} | {fmt('rkl_sampled')} | {fmt('rkl_gt')} | {fmt('fkl_gt')} |")
     rows.append("")
-    rows.append("Exact token-level KL over the full vocabulary: on responses sampled from the student (temperature 1, "
-                "the quantity distillation minimises) and teacher-forced on the reference answers.")
+    rows.append(
+        "Exact token-level KL over the full vocabulary: on responses sampled from the student (temperature 1, "
+        "the quantity distillation minimises) and teacher-forced on the reference answers."
+    )
     return "\n".join(rows)

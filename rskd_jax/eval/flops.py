@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-CONVENTION = ("matmul FLOPs only (2*m*n*k): patch embedding, linear layers, attention scores and values "
-              "(full S*S unless causal_halved), projector, LM head; seq_len includes image tokens")
+CONVENTION = (
+    "matmul FLOPs only (2*m*n*k): patch embedding, linear layers, attention scores and values "
+    "(full S*S unless causal_halved), projector, LM head; seq_len includes image tokens"
+)
 
 
 def _attention_pairs(n: int, causal_halved: bool) -> int:
@@ -41,8 +43,12 @@ def vision_flops(v, num_layers: int | None = None) -> dict[str, int]:
     proj = 2 * t * d * d * 4  # q, k, v, out
     attn = 2 * 2 * t * t * d  # scores + values, all heads together (heads · head_dim = d)
     mlp = 2 * 2 * t * d * i
-    return dict(patch_embed=patch_embed, layers=layers * (proj + attn + mlp), attention=layers * attn,
-                total=patch_embed + layers * (proj + attn + mlp))
+    return dict(
+        patch_embed=patch_embed,
+        layers=layers * (proj + attn + mlp),
+        attention=layers * attn,
+        total=patch_embed + layers * (proj + attn + mlp),
+    )
 
 
 def projector_flops(cfg, tokens: int) -> int:
@@ -66,8 +72,12 @@ def llm_flops(t, seq_len: int, *, logits_positions: int | None = None, causal_ha
     attn = 2 * 2 * _attention_pairs(s, causal_halved) * q
     mlp = 3 * 2 * s * d * i  # gate, up, down
     head = 2 * (s if logits_positions is None else logits_positions) * d * v
-    return dict(layers=t.num_layers * (proj + attn + mlp), attention=t.num_layers * attn, lm_head=head,
-                total=t.num_layers * (proj + attn + mlp) + head)
+    return dict(
+        layers=t.num_layers * (proj + attn + mlp),
+        attention=t.num_layers * attn,
+        lm_head=head,
+        total=t.num_layers * (proj + attn + mlp) + head,
+    )
 
 
 def _vision_layers(cfg, which: str) -> int:
@@ -85,8 +95,15 @@ def image_tokens(cfg) -> int:
     return n if n is not None else (cfg.vision.image_size // cfg.vision.patch_size) ** 2
 
 
-def forward_flops(cfg, seq_len: int, *, num_images: int = 1, logits_positions: int | None = None,
-                  causal_halved: bool = False, vision_layers: str = "all") -> dict[str, int]:
+def forward_flops(
+    cfg,
+    seq_len: int,
+    *,
+    num_images: int = 1,
+    logits_positions: int | None = None,
+    causal_halved: bool = False,
+    vision_layers: str = "all",
+) -> dict[str, int]:
     """FLOPs of one forward of a LLaVA model on one sequence of ``seq_len`` tokens (image tokens included)
     with ``num_images`` images. Returns ints: vision, projector, llm (decoder layers), lm_head, attention
     (the score/value part of vision + llm, informational), total."""
@@ -96,8 +113,13 @@ def forward_flops(cfg, seq_len: int, *, num_images: int = 1, logits_positions: i
     vis = vision_flops(cfg.vision, _vision_layers(cfg, vision_layers))
     proj = projector_flops(cfg, n_img)
     llm = llm_flops(cfg.text, seq_len, logits_positions=logits_positions, causal_halved=causal_halved)
-    out = dict(vision=num_images * vis["total"], projector=proj, llm=llm["layers"], lm_head=llm["lm_head"],
-               attention=num_images * vis["attention"] + llm["attention"])
+    out = dict(
+        vision=num_images * vis["total"],
+        projector=proj,
+        llm=llm["layers"],
+        lm_head=llm["lm_head"],
+        attention=num_images * vis["attention"] + llm["attention"],
+    )
     out["total"] = out["vision"] + proj + llm["total"]
     return out
 
@@ -108,8 +130,9 @@ def _default_params_fn():
     return param_counts
 
 
-def params_flops_metrics(cfg, seq_len: int, params: Mapping[str, int] | None = None,
-                         params_fn: Callable | None = None, **flops_kw) -> dict:
+def params_flops_metrics(
+    cfg, seq_len: int, params: Mapping[str, int] | None = None, params_fn: Callable | None = None, **flops_kw
+) -> dict:
     """Report-ready dict(task='params_flops', params, flops, seq_len, flops_convention).
 
     ``params`` defaults to ``rskd_jax.models.presets.param_counts(cfg)`` (keys vision, projector, llm,
@@ -117,27 +140,38 @@ def params_flops_metrics(cfg, seq_len: int, params: Mapping[str, int] | None = N
     """
     if params is None:
         params = (params_fn or _default_params_fn())(cfg)
-    return dict(task="params_flops", params=dict(params), flops=forward_flops(cfg, seq_len, **flops_kw),
-                seq_len=seq_len, flops_options=dict(flops_kw), flops_convention=CONVENTION)
+    return dict(
+        task="params_flops",
+        params=dict(params),
+        flops=forward_flops(cfg, seq_len, **flops_kw),
+        seq_len=seq_len,
+        flops_options=dict(flops_kw),
+        flops_convention=CONVENTION,
+    )
 
 
-def format_table_8(cfgs: Mapping[str, object], seq_len: int | None = None, *,
-                   params_fn: Callable | None = None, **flops_kw) -> str:
+def format_table_8(
+    cfgs: Mapping[str, object], seq_len: int | None = None, *, params_fn: Callable | None = None, **flops_kw
+) -> str:
     """Paper Table 8 style Markdown: parameters (M) per component and GFLOPs of one forward.
 
     ``seq_len`` defaults per model to its image tokens + 64 text tokens (stated in the table caption).
     ``params_fn`` defaults to ``presets.param_counts``.
     """
     params_fn = params_fn or _default_params_fn()
-    rows = ["| model | vision (M) | projector (M) | LLM (M) | params (M, paper) | total (M) | seq len "
-            "| GFLOPs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| model | vision (M) | projector (M) | LLM (M) | params (M, paper) | total (M) | seq len | GFLOPs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, cfg in cfgs.items():
         s = seq_len if seq_len is not None else image_tokens(cfg) + 64
         p = params_fn(cfg)
         f = forward_flops(cfg, s, **flops_kw)
         m = [p[k] / 1e6 for k in ("vision", "projector", "llm", "paper_total", "total")]
         rows.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in m) + f" | {s} | {f['total'] / 1e9:.1f} |")
-    note = ("\n\nparams (M, paper) = LLM + projector + CLIP position table (CLIP encoder excluded), the seed "
-            "paper's convention. GFLOPs: one forward, matmul FLOPs (2·m·n·k) of CLIP tower + projector + LLM "
-            "incl. LM head at every position, full S×S attention; seq len includes the image tokens.")
+    note = (
+        "\n\nparams (M, paper) = LLM + projector + CLIP position table (CLIP encoder excluded), the seed "
+        "paper's convention. GFLOPs: one forward, matmul FLOPs (2·m·n·k) of CLIP tower + projector + LLM "
+        "incl. LM head at every position, full S×S attention; seq len includes the image tokens."
+    )
     return "\n".join(rows) + note

@@ -141,8 +141,9 @@ class ClassMatcher:
         return found
 
 
-def scene_scores(preds: Sequence[str], gts: Sequence[str | int], classes: Sequence[str],
-                 strict: bool = False) -> dict:
+def scene_scores(
+    preds: Sequence[str], gts: Sequence[str | int], classes: Sequence[str], strict: bool = False
+) -> dict:
     """Overall/average accuracy and confusion matrix of scene-classification answers.
 
     Returns dict(task, oa, aa, per_class {name: recall % or None}, confusion [C, C+1] int (rows = true
@@ -175,15 +176,25 @@ def scene_scores(preds: Sequence[str], gts: Sequence[str | int], classes: Sequen
 # ============================================================================ VQA
 
 TYPE_ALIASES = {
-    "presence": "presence", "comp": "comparison", "comparison": "comparison", "rural_urban": "rural_urban",
-    "rural/urban": "rural_urban", "ruralurban": "rural_urban", "rural urban": "rural_urban", "count": "count",
+    "presence": "presence",
+    "comp": "comparison",
+    "comparison": "comparison",
+    "rural_urban": "rural_urban",
+    "rural/urban": "rural_urban",
+    "ruralurban": "rural_urban",
+    "rural urban": "rural_urban",
+    "count": "count",
     "area": "area",
 }
 MOA_TYPES = ("presence", "comparison", "rural_urban")
 _CLOSED = ("yes", "no", "rural", "urban")
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty".split()
+    )
+}
 
 
 def normalize_vqa_answer(text: str) -> str:
@@ -202,8 +213,13 @@ def normalize_vqa_answer(text: str) -> str:
     return s.replace(" ", "").replace(".", "")
 
 
-def vqa_scores(preds: Sequence[str], gts: Sequence[str], types: Sequence[str], strict: bool = False,
-               moa_types: Sequence[str] = MOA_TYPES) -> dict:
+def vqa_scores(
+    preds: Sequence[str],
+    gts: Sequence[str],
+    types: Sequence[str],
+    strict: bool = False,
+    moa_types: Sequence[str] = MOA_TYPES,
+) -> dict:
     """Per-type accuracy and mOA (micro = pooled over ``moa_types``, macro = mean of their accuracies).
 
     ``types`` are RSVQA / GeoChat-Bench categories (``comp`` is read as ``comparison``); unknown types are
@@ -239,8 +255,9 @@ def vqa_scores(preds: Sequence[str], gts: Sequence[str], types: Sequence[str], s
 # ============================================================================ grounding / referring
 
 
-_GROUP_ORDER = {v: i for i, v in enumerate(["small", "medium", "large", "single", "multi", "ref", "refer",
-                                              "grounding"])}  # the paper's column order
+_GROUP_ORDER = {
+    v: i for i, v in enumerate(["small", "medium", "large", "single", "multi", "ref", "refer", "grounding"])
+}  # the paper's column order
 
 
 def _gt_objects(gt, image_size) -> list[np.ndarray]:
@@ -266,10 +283,15 @@ def _all_matched(m: np.ndarray, thr: float) -> bool:
     return int(ok[rows, cols].sum()) == n_gt
 
 
-def grounding_scores(pred_texts: Sequence[str], gt_boxes_list: Sequence,
-                     thresholds: Sequence[float] = (0.5, 0.25), *, rotated: bool = True,
-                     groups: Mapping[str, Sequence] | None = None,
-                     gt_image_sizes: Sequence[tuple[float, float]] | None = None) -> dict:
+def grounding_scores(
+    pred_texts: Sequence[str],
+    gt_boxes_list: Sequence,
+    thresholds: Sequence[float] = (0.5, 0.25),
+    *,
+    rotated: bool = True,
+    groups: Mapping[str, Sequence] | None = None,
+    gt_image_sizes: Sequence[tuple[float, float]] | None = None,
+) -> dict:
     """acc@t for referring / grounding outputs (see module doc for the matching rule).
 
     gt_boxes_list: per sample a list of objects, each 4 numbers (x1,y1,x2,y2), 5 (+θ), 8 (4-point polygon,
@@ -308,8 +330,13 @@ def grounding_scores(pred_texts: Sequence[str], gt_boxes_list: Sequence,
         for t in thresholds:
             hits[t][k] = _all_matched(m, t)
     groups.setdefault("objects", n_objects)
-    out = dict(task="grounding", n=len(pred_texts), n_no_box=n_no_box, rotated=rotated,
-               mean_iou=float(np.mean(ious)) if ious else None)
+    out = dict(
+        task="grounding",
+        n=len(pred_texts),
+        n_no_box=n_no_box,
+        rotated=rotated,
+        mean_iou=float(np.mean(ious)) if ious else None,
+    )
     for t in thresholds:
         out[f"acc@{t:g}"] = _pct(hits[t].sum(), len(pred_texts))
     by_group: dict = {}
@@ -318,8 +345,10 @@ def grounding_scores(pred_texts: Sequence[str], gt_boxes_list: Sequence,
         by_group[name] = {}
         for v in sorted(set(labels.tolist()), key=lambda v: (_GROUP_ORDER.get(v, len(_GROUP_ORDER)), v)):
             sel = labels == v
-            by_group[name][v] = {"n": int(sel.sum()),
-                                 **{f"acc@{t:g}": _pct(hits[t][sel].sum(), sel.sum()) for t in thresholds}}
+            by_group[name][v] = {
+                "n": int(sel.sum()),
+                **{f"acc@{t:g}": _pct(hits[t][sel].sum(), sel.sum()) for t in thresholds},
+            }
     out["by_group"] = by_group
     return out
 
@@ -353,8 +382,12 @@ def rouge_scores(preds: Sequence[str], refs_list: Sequence) -> dict:
         scores = [scorer.score(r, p) for r in _as_refs(refs, k)]
         r1.append(max(s["rouge1"].fmeasure for s in scores))
         rl.append(max(s["rougeL"].fmeasure for s in scores))
-    return dict(rouge1=100 * float(np.mean(r1)), rougeL=100 * float(np.mean(rl)),
-                rouge1_per_sample=r1, rougeL_per_sample=rl)
+    return dict(
+        rouge1=100 * float(np.mean(r1)),
+        rougeL=100 * float(np.mean(rl)),
+        rouge1_per_sample=r1,
+        rougeL_per_sample=rl,
+    )
 
 
 class MeteorScorer:
@@ -374,14 +407,21 @@ class MeteorScorer:
                 "or score captions with meteor=False (ROUGE only)."
             )
         spec = importlib.util.find_spec("pycocoevalcap")
-        jar = None if spec is None or not spec.submodule_search_locations else os.path.join(
-            list(spec.submodule_search_locations)[0], "meteor", "meteor-1.5.jar")
+        jar = (
+            None
+            if spec is None or not spec.submodule_search_locations
+            else os.path.join(list(spec.submodule_search_locations)[0], "meteor", "meteor-1.5.jar")
+        )
         if jar is None or not os.path.exists(jar):
             raise RuntimeError("METEOR needs pycocoevalcap==1.2 (meteor-1.5.jar): pip install -e '.[eval]'")
         self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             [java, "-jar", "-Xmx2G", jar, "-", "-", "-stdio", "-l", "en", "-norm"],
-            cwd=os.path.dirname(jar), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+            cwd=os.path.dirname(jar),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
         self._lock = threading.Lock()
 
     def _ask(self, line: str, n_out: int = 1) -> list[str]:
@@ -400,12 +440,15 @@ class MeteorScorer:
     def score(self, preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
         """(corpus METEOR, per-segment METEOR), both in [0, 1]. Texts are used as given (after newline /
         '|||' removal); the jar lower-cases and tokenises itself (-norm)."""
+
         def clean(s):
             return " ".join(str(s).replace("|||", " ").split())
 
         with self._lock:
-            stats = [self._ask(" ||| ".join(["SCORE", *[clean(r) for r in refs], clean(p)]))[0]
-                     for p, refs in zip(preds, refs_list)]
+            stats = [
+                self._ask(" ||| ".join(["SCORE", *[clean(r) for r in refs], clean(p)]))[0]
+                for p, refs in zip(preds, refs_list)
+            ]
             if not stats:
                 return 0.0, []
             out = self._ask(" ||| ".join(["EVAL", *stats]), len(stats) + 1)
@@ -439,7 +482,7 @@ def caption_scores(preds: Sequence[str], refs_list: Sequence, meteor: bool = Tru
     if meteor:
         refs = [_as_refs(r, k) for k, r in enumerate(refs_list)]
         corpus, per = meteor_scorer().score([clean_caption(p) for p in preds], refs)
-        out.update(meteor=100 * corpus, meteor_mean=100 * float(np.mean(per)) if per else None,
-                   meteor_per_sample=per)
+        out.update(
+            meteor=100 * corpus, meteor_mean=100 * float(np.mean(per)) if per else None, meteor_per_sample=per
+        )
     return out
-

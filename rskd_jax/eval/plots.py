@@ -25,8 +25,14 @@ def _save(fig: Figure, path) -> pathlib.Path:
     return path
 
 
-def plot_confusion(confusion, classes: Sequence[str], path, title: str | None = None,
-                   normalize: bool = True, annotate: bool | None = None) -> pathlib.Path:
+def plot_confusion(
+    confusion,
+    classes: Sequence[str],
+    path,
+    title: str | None = None,
+    normalize: bool = True,
+    annotate: bool | None = None,
+) -> pathlib.Path:
     """Confusion matrix PNG, rows = true class, columns = predicted class.
 
     ``confusion`` is [C, C] or [C, C+1] (``metrics.scene_scores``: last column = answers matching no
@@ -60,8 +66,15 @@ def plot_confusion(confusion, classes: Sequence[str], path, title: str | None = 
             for j in range(len(cols)):
                 if conf[i, j]:
                     txt = f"{100 * shown[i, j]:.0f}" if normalize else f"{int(conf[i, j])}"
-                    ax.text(j, i, txt, ha="center", va="center", fontsize=6,
-                            color="white" if shown[i, j] > 0.6 * hi else "black")
+                    ax.text(
+                        j,
+                        i,
+                        txt,
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if shown[i, j] > 0.6 * hi else "black",
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _save(fig, path)
 
@@ -84,8 +97,17 @@ def _draw_boxes(ax, items, w: float, h: float, color: str, style: str, label: st
     scale = np.array([w / 100.0, h / 100.0])
     for k, b in enumerate(items):
         poly = boxlib.as_polygon(b) * scale
-        ax.add_patch(Polygon(poly, closed=True, fill=False, edgecolor=color, linestyle=style, linewidth=2,
-                             label=label if k == 0 else None))
+        ax.add_patch(
+            Polygon(
+                poly,
+                closed=True,
+                fill=False,
+                edgecolor=color,
+                linestyle=style,
+                linewidth=2,
+                label=label if k == 0 else None,
+            )
+        )
 
 
 def plot_grounding(examples: Mapping | Sequence[Mapping], path, ncols: int = 4) -> pathlib.Path:
@@ -121,9 +143,14 @@ def plot_grounding(examples: Mapping | Sequence[Mapping], path, ncols: int = 4) 
     return _save(fig, path)
 
 
-def plot_loss_curves(curves: Mapping[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]], path,
-                     title: str | None = None, xlabel: str = "step", ylabel: str = "loss",
-                     logy: bool = False) -> pathlib.Path:
+def plot_loss_curves(
+    curves: Mapping[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]],
+    path,
+    title: str | None = None,
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    logy: bool = False,
+) -> pathlib.Path:
     """Line plot of named curves; each value is ``values`` (x = 0..n−1) or ``(steps, values)``."""
     if not curves:
         raise ValueError("plot_loss_curves: no curves")

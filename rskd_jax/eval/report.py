@@ -49,8 +49,12 @@ def _fmt(x, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence]], delta: tuple[str, str] | None,
-           digits: int = 2) -> str:
+def _table(
+    header: Sequence[str],
+    rows: Sequence[tuple[str, Sequence]],
+    delta: tuple[str, str] | None,
+    digits: int = 2,
+) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     by_name = dict(rows)
     for name, vals in rows:
@@ -92,10 +96,25 @@ def _vqa(results, delta):
         present = set().union(*[m.get("per_type", {}).keys() for m in ms.values()])
         kept = [t for t in ("presence", "comparison", "rural_urban") if t in present]
         extra = sorted(present - set(kept))
-        header = ["model", *[t.replace("_", "/") for t in kept], "mOA (pooled)", "mOA (mean of types)",
-                  *[f"{t} (not in mOA)" for t in extra]]
-        rows = [(n, [*[m.get("per_type", {}).get(t) for t in kept], m.get("moa_micro"), m.get("moa_macro"),
-                     *[m.get("per_type", {}).get(t) for t in extra]]) for n, m in ms.items()]
+        header = [
+            "model",
+            *[t.replace("_", "/") for t in kept],
+            "mOA (pooled)",
+            "mOA (mean of types)",
+            *[f"{t} (not in mOA)" for t in extra],
+        ]
+        rows = [
+            (
+                n,
+                [
+                    *[m.get("per_type", {}).get(t) for t in kept],
+                    m.get("moa_micro"),
+                    m.get("moa_macro"),
+                    *[m.get("per_type", {}).get(t) for t in extra],
+                ],
+            )
+            for n, m in ms.items()
+        ]
         out += [f"### VQA: {d} (accuracy %)", _table(header, rows, delta)]
     return out
 
@@ -104,11 +123,14 @@ def _grounding(results, delta):
     out = []
     for d in _datasets(results, "grounding"):
         ms = {n: _get(results, n, d) for n in results}
-        accs = sorted({k for m in ms.values() for k in m if k.startswith("acc@")},
-                      key=lambda k: -float(k[4:]))
+        accs = sorted(
+            {k for m in ms.values() for k in m if k.startswith("acc@")}, key=lambda k: -float(k[4:])
+        )
         header = ["model", *accs, "mean IoU (%)"]
-        rows = [(n, [*[m.get(k) for k in accs], None if m.get("mean_iou") is None else 100 * m["mean_iou"]])
-                for n, m in ms.items()]
+        rows = [
+            (n, [*[m.get(k) for k in accs], None if m.get("mean_iou") is None else 100 * m["mean_iou"]])
+            for n, m in ms.items()
+        ]
         out += [f"### Referring / grounding: {d} (accuracy %)", _table(header, rows, delta)]
         if accs:
             main = accs[0]
@@ -120,10 +142,20 @@ def _grounding(results, delta):
                             cols.append((g, v))
             if cols:
                 header = ["model", *[f"{v}" for _, v in cols], "overall"]
-                rows = [(n, [*[m.get("by_group", {}).get(g, {}).get(v, {}).get(main) for g, v in cols],
-                             m.get(main)]) for n, m in ms.items()]
-                out += [f"{d}: {main} by group ({', '.join(dict.fromkeys(g for g, _ in cols))})",
-                        _table(header, rows, delta)]
+                rows = [
+                    (
+                        n,
+                        [
+                            *[m.get("by_group", {}).get(g, {}).get(v, {}).get(main) for g, v in cols],
+                            m.get(main),
+                        ],
+                    )
+                    for n, m in ms.items()
+                ]
+                out += [
+                    f"{d}: {main} by group ({', '.join(dict.fromkeys(g for g, _ in cols))})",
+                    _table(header, rows, delta),
+                ]
     return out
 
 
@@ -146,19 +178,36 @@ def _params(results, delta):
             p, f = m.get("params", {}), m.get("flops", {})
             if m:
                 seqs.add(m.get("seq_len"))
-            rows.append((n, [*[None if k not in p else p[k] / 1e6 for k in keys],
-                             None if "total" not in f else f["total"] / 1e9]))
-        header = ["model", "vision (M)", "projector (M)", "LLM (M)", "params (M, paper)", "total (M)",
-                  "GFLOPs"]
-        note = (f"GFLOPs: one forward at sequence length {', '.join(str(s) for s in sorted(seqs, key=str))} "
-                "(image tokens included), matmul FLOPs only (2·m·n·k). params (M, paper) = LLM + projector + "
-                "CLIP position table.")
+            rows.append(
+                (
+                    n,
+                    [
+                        *[None if k not in p else p[k] / 1e6 for k in keys],
+                        None if "total" not in f else f["total"] / 1e9,
+                    ],
+                )
+            )
+        header = [
+            "model",
+            "vision (M)",
+            "projector (M)",
+            "LLM (M)",
+            "params (M, paper)",
+            "total (M)",
+            "GFLOPs",
+        ]
+        note = (
+            f"GFLOPs: one forward at sequence length {', '.join(str(s) for s in sorted(seqs, key=str))} "
+            "(image tokens included), matmul FLOPs only (2·m·n·k). params (M, paper) = LLM + projector + "
+            "CLIP position table."
+        )
         out += [f"### Parameters and FLOPs: {d}", _table(header, rows, delta), note]
     return out
 
 
-def markdown_report(results: Mapping[str, Mapping[str, dict]], title: str | None = None,
-                    delta: tuple[str, str] | None = None) -> str:
+def markdown_report(
+    results: Mapping[str, Mapping[str, dict]], title: str | None = None, delta: tuple[str, str] | None = None
+) -> str:
     """Markdown tables (one per task / dataset), rows = models in the given order; ``delta=(a, b)`` adds a
     row b − a (e.g. ("student (before)", "student (after)"))."""
     parts = [f"## {title}"] if title else []
@@ -167,16 +216,25 @@ def markdown_report(results: Mapping[str, Mapping[str, dict]], title: str | None
     return "\n\n".join(parts) + "\n"
 
 
-def comparison_report(teacher: Mapping, before: Mapping, after: Mapping,
-                      names: tuple[str, str, str] = ("teacher", "student (before)", "student (after)"),
-                      title: str | None = "Teacher vs student before / after distillation") -> str:
+def comparison_report(
+    teacher: Mapping,
+    before: Mapping,
+    after: Mapping,
+    names: tuple[str, str, str] = ("teacher", "student (before)", "student (after)"),
+    title: str | None = "Teacher vs student before / after distillation",
+) -> str:
     """The demo / paper comparison: three models side by side plus the after − before row."""
     results = dict(zip(names, (teacher, before, after)))
     return markdown_report(results, title=title, delta=(names[1], names[2]))
 
 
-def write_report(results: Mapping[str, Mapping[str, dict]], out_dir, name: str = "metrics",
-                 title: str | None = None, delta: tuple[str, str] | None = None) -> dict[str, pathlib.Path]:
+def write_report(
+    results: Mapping[str, Mapping[str, dict]],
+    out_dir,
+    name: str = "metrics",
+    title: str | None = None,
+    delta: tuple[str, str] | None = None,
+) -> dict[str, pathlib.Path]:
     """Write ``{name}.json`` (all metrics, numpy converted) and ``{name}.md`` (tables) into ``out_dir``."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ falls back to the previous one), run to `total_steps` with a progress line, metr
 checkpoints, SIGTERM/preemption -> save at the next step boundary and stop, and non-finite steps skipped (the run
 stops after `max_nonfinite_in_a_row` of them, the last good checkpoint intact).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,10 +51,30 @@ def _to_global(batch: dict, mesh) -> dict:
     return multihost.host_local_to_global({k: np.asarray(v) for k, v in batch.items()}, mesh)
 
 
-def fit(*, workdir, model, teacher, spec: S.StepSpec, optim_cfg, trainable: str, total_steps: int, dataset,
-        mesh, seed: int = 0, maps: dict | None = None, log_every: int = 10, ckpt_every: int = 100,
-        keep: int = 2, max_nonfinite_in_a_row: int = 5, num_workers: int = 0, config=None,
-        eval_fn: Callable | None = None, eval_every: int = 0, name: str = "train", debug=None) -> FitResult:
+def fit(
+    *,
+    workdir,
+    model,
+    teacher,
+    spec: S.StepSpec,
+    optim_cfg,
+    trainable: str,
+    total_steps: int,
+    dataset,
+    mesh,
+    seed: int = 0,
+    maps: dict | None = None,
+    log_every: int = 10,
+    ckpt_every: int = 100,
+    keep: int = 2,
+    max_nonfinite_in_a_row: int = 5,
+    num_workers: int = 0,
+    config=None,
+    eval_fn: Callable | None = None,
+    eval_every: int = 0,
+    name: str = "train",
+    debug=None,
+) -> FitResult:
     """Trains `model` (+ `maps`) against `teacher` (None for SFT) to `total_steps`; see the module docstring.
 
     `debug` (config.debug, tests only): {"kill_stage": name, "kill_at_step": k, "kill_signal": "SIGKILL"|"SIGTERM"}
@@ -80,6 +101,7 @@ def fit(*, workdir, model, teacher, spec: S.StepSpec, optim_cfg, trainable: str,
     data_it = iter(dataset) if num_workers == 0 else None
     if data_it is None:
         from rskd_jax.data.pipeline import make_iterator  # noqa: PLC0415
+
         data_it = make_iterator(dataset, num_workers)
     abstract = ckpt_lib.restore_target(jax.eval_shape(lambda: state), mesh)
     restored = ckpt.restore_latest_valid(abstract, data_iter=data_it)
@@ -87,8 +109,10 @@ def fit(*, workdir, model, teacher, spec: S.StepSpec, optim_cfg, trainable: str,
     if restored is not None:
         saved_fp = (restored.meta or {}).get("teacher_fingerprint")
         if teacher_fp is not None and saved_fp not in (None, teacher_fp):
-            raise ValueError(f"{workdir}: checkpoint step {restored.step} was trained against teacher {saved_fp}, "
-                             f"this run's teacher is {teacher_fp}; use a new --workdir or the original teacher")
+            raise ValueError(
+                f"{workdir}: checkpoint step {restored.step} was trained against teacher {saved_fp}, "
+                f"this run's teacher is {teacher_fp}; use a new --workdir or the original teacher"
+            )
         state, start = restored.state, int(restored.step)
         log.info("[%s] resumed from step %d (%s)", name, start, ckpt.step_dir(start))
     history = _read_history(workdir, upto=start)
@@ -167,8 +191,8 @@ def _debug_kill(debug, name: str, step: int):
     if debug and debug.get("kill_stage") == name and debug.get("kill_at_step") == step:
         import os  # noqa: PLC0415
         import signal  # noqa: PLC0415
+
         sig = getattr(signal, debug.get("kill_signal", "SIGKILL"))
         log.warning("[%s] debug: sending %s to myself after step %d", name, sig.name, step)
         os.kill(os.getpid(), sig)
         time.sleep(0.5)  # SIGTERM: the handler sets the flag; SIGKILL never returns
-

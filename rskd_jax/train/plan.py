@@ -20,6 +20,7 @@ body once (layers, decode steps, loss chunks, micro-batches), so it is printed f
 time = analytic FLOPs per device / (peak bf16 FLOP/s x MFU). jit drops unused arguments (e.g. CLIP's final
 LayerNorm with vision_feature_layer=-2) from the executable, so they are not in the argument bytes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,30 +51,45 @@ class Topology:
     wrap: tuple = (False, False, False)
 
 
-_CHIPS = {"v5p": (95 * GIB, 459e12, "megacore"), "v4": (32 * GIB, 275e12, "megacore"),
-          "v5e": (16 * GIB, 197e12, "default")}
+_CHIPS = {
+    "v5p": (95 * GIB, 459e12, "megacore"),
+    "v4": (32 * GIB, 275e12, "megacore"),
+    "v5e": (16 * GIB, 197e12, "default"),
+}
 # Names, shapes and wrap-around from MaxText's accelerator_to_spec_map. v4 / v5p names count TensorCores
 # (v5p-64 = 32 chips), v5e names count chips.
 _NF, _T3, _TTF = (False,) * 3, (True,) * 3, (True, True, False)
 _SLICES = {
-    "v5p-8": ("v5:2x2x1", 4, _NF), "v5p-16": ("v5:2x2x2", 8, _NF), "v5p-32": ("v5:2x2x4", 16, _NF),
-    "v5p-64": ("v5:2x4x4", 32, _NF), "v5p-128": ("v5:4x4x4", 64, _T3),
-    "v4-8": ("v4:2x2x1", 4, _NF), "v4-16": ("v4:2x2x2", 8, _NF), "v4-32": ("v4:2x2x4", 16, _NF),
-    "v4-64": ("v4:2x4x4", 32, _NF), "v4-128": ("v4:4x4x4", 64, _T3),
-    "v5e-16": ("v5e:4x4", 16, _NF), "v5e-32": ("v5e:4x8", 32, _NF), "v5e-64": ("v5e:8x8", 64, _NF),
-    "v5e-128": ("v5e:8x16", 128, (False, True, False)), "v5e-256": ("v5e:16x16", 256, _TTF),
+    "v5p-8": ("v5:2x2x1", 4, _NF),
+    "v5p-16": ("v5:2x2x2", 8, _NF),
+    "v5p-32": ("v5:2x2x4", 16, _NF),
+    "v5p-64": ("v5:2x4x4", 32, _NF),
+    "v5p-128": ("v5:4x4x4", 64, _T3),
+    "v4-8": ("v4:2x2x1", 4, _NF),
+    "v4-16": ("v4:2x2x2", 8, _NF),
+    "v4-32": ("v4:2x2x4", 16, _NF),
+    "v4-64": ("v4:2x4x4", 32, _NF),
+    "v4-128": ("v4:4x4x4", 64, _T3),
+    "v5e-16": ("v5e:4x4", 16, _NF),
+    "v5e-32": ("v5e:4x8", 32, _NF),
+    "v5e-64": ("v5e:8x8", 64, _NF),
+    "v5e-128": ("v5e:8x16", 128, (False, True, False)),
+    "v5e-256": ("v5e:16x16", 256, _TTF),
 }
 TOPOLOGIES: dict[str, Topology] = {
     name: Topology(name, chip, n, _CHIPS[chip][0], _CHIPS[chip][1], "tpu", topo, _CHIPS[chip][2], wrap)
-    for name, (topo, n, wrap) in _SLICES.items() for chip in [name.split("-")[0]]
+    for name, (topo, n, wrap) in _SLICES.items()
+    for chip in [name.split("-")[0]]
 }
 TOPOLOGIES["8xH100"] = Topology("8xH100", "H100", 8, 80 * 10**9, 989e12, "gpu", chip_config="")
 
 
 def get_topology(name: str) -> Topology:
     if name not in TOPOLOGIES:
-        raise KeyError(f"--topology {name!r} is unknown; known: {', '.join(TOPOLOGIES)} "
-                       "(v4 / v5p names count TensorCores: v5p-64 = 32 chips)")
+        raise KeyError(
+            f"--topology {name!r} is unknown; known: {', '.join(TOPOLOGIES)} "
+            "(v4 / v5p names count TensorCores: v5p-64 = 32 chips)"
+        )
     return TOPOLOGIES[name]
 
 
@@ -87,8 +103,9 @@ def backend_for(topo: Topology, backend: str = "auto") -> str:
         raise ValueError(f"backend={backend!r}: expected auto, tpu or cpu")
     tpu_ok = topo.platform == "tpu" and libtpu_available()
     if backend == "tpu" and not tpu_ok:
-        why = ("not a TPU target" if topo.platform != "tpu" else
-               "libtpu not installed (pip install -e .[plan])")
+        why = (
+            "not a TPU target" if topo.platform != "tpu" else "libtpu not installed (pip install -e .[plan])"
+        )
         raise RuntimeError(f"backend 'tpu' for {topo.name}: {why}")
     return "tpu" if tpu_ok and backend != "cpu" else "cpu"
 
@@ -96,18 +113,28 @@ def backend_for(topo: Topology, backend: str = "auto") -> str:
 def target_devices(topo: Topology, backend: str) -> list:
     """The target's devices: libtpu topology devices (nothing attached), or this process's CPU devices."""
     import jax  # noqa: PLC0415
+
     if backend == "tpu":
         from jax.experimental import topologies  # noqa: PLC0415
-        devs = list(topologies.get_topology_desc(
-            platform="tpu", topology_name=topo.topology_name, chip_config_name=topo.chip_config,
-            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=topo.wrap).devices)
+
+        devs = list(
+            topologies.get_topology_desc(
+                platform="tpu",
+                topology_name=topo.topology_name,
+                chip_config_name=topo.chip_config,
+                chips_per_host_bounds=(2, 2, 1),
+                num_slices=1,
+                wrap=topo.wrap,
+            ).devices
+        )
     else:
         devs = jax.devices("cpu")
     if len(devs) != topo.devices:
         raise RuntimeError(
             f"{topo.name} needs {topo.devices} devices, this process has {len(devs)} {backend} devices: "
             f"start it with XLA_FLAGS=--xla_force_host_platform_device_count={topo.devices} "
-            "(launch/plan.py does)")
+            "(launch/plan.py does)"
+        )
     return devs
 
 
@@ -156,6 +183,7 @@ def model_config(config, section, **fields):
     keep theirs (Vicuna's 32000). A converted checkpoint's own config is not read.
     """
     from rskd_jax.models import get_preset  # noqa: PLC0415
+
     base = get_preset(section.preset)
     vision = dataclasses.replace(base.vision, image_size=config.data.image_size, **dict(section.vision))
     text_kw = dict(section.text)
@@ -170,8 +198,9 @@ def model_configs(config, settings: dict):
     """(student_cfg, teacher_cfg) with resolved settings (`resolve_settings`) applied."""
     v = {k: val for k, (val, _) in settings.items()}
     dt = v["compute_dtype"]
-    s_cfg = model_config(config, config.student, dtype=dt, param_dtype=v["student_param_dtype"],
-                         remat_policy=v["remat"])
+    s_cfg = model_config(
+        config, config.student, dtype=dt, param_dtype=v["student_param_dtype"], remat_policy=v["remat"]
+    )
     t_cfg = model_config(config, config.teacher, dtype=dt, param_dtype=v["teacher_param_dtype"])
     return s_cfg, t_cfg
 
@@ -187,11 +216,15 @@ def build_abstract(config, s_cfg, t_cfg, spec):
         model = LlavaModel(s_cfg, rngs=nnx.Rngs(0))
         if config.trainable == "lora":
             lo = config.lora
-            apply_lora(model, LoRAConfig(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
-                                         targets=tuple(lo.targets)), rngs=nnx.Rngs(1))
+            apply_lora(
+                model,
+                LoRAConfig(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=tuple(lo.targets)),
+                rngs=nnx.Rngs(1),
+            )
         feat = spec.w("feat_image") + spec.w("feat_text") > 0
-        maps = S.feature_maps_for(spec.feature_layers if feat else (), s_cfg, t_cfg, nnx.Rngs(2),
-                                  with_proj=spec.w("feat_proj") > 0)
+        maps = S.feature_maps_for(
+            spec.feature_layers if feat else (), s_cfg, t_cfg, nnx.Rngs(2), with_proj=spec.w("feat_proj") > 0
+        )
         return S.DistillStudent(model, maps)
 
     return nnx.eval_shape(make_student), nnx.eval_shape(lambda: LlavaModel(t_cfg, rngs=nnx.Rngs(0)))
@@ -201,23 +234,30 @@ def abstract_batch(config, batch_size: int, sharding) -> dict:
     """ShapeDtypeStructs of one global batch in the data pipeline's contract (rskd_jax.data.transforms)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
+
     d = config.data
     sds = lambda shape, dt: jax.ShapeDtypeStruct((batch_size, *shape), dt, sharding=sharding)
-    return dict(pixel_values=sds((d.image_size, d.image_size, 3), jnp.float32),
-                input_ids=sds((d.seq_len,), jnp.int32), attention_mask=sds((d.seq_len,), jnp.int32),
-                loss_mask=sds((d.seq_len,), jnp.int32), prompt_ids=sds((d.prompt_len,), jnp.int32),
-                prompt_mask=sds((d.prompt_len,), jnp.int32))
+    return dict(
+        pixel_values=sds((d.image_size, d.image_size, 3), jnp.float32),
+        input_ids=sds((d.seq_len,), jnp.int32),
+        attention_mask=sds((d.seq_len,), jnp.int32),
+        loss_mask=sds((d.seq_len,), jnp.int32),
+        prompt_ids=sds((d.prompt_len,), jnp.int32),
+        prompt_mask=sds((d.prompt_len,), jnp.int32),
+    )
 
 
 def _with_shardings(tree, shardings):
     """`tree`'s leaves (in nnx Variables too) as ShapeDtypeStructs with the matching leaves of `shardings`."""
     import jax  # noqa: PLC0415
+
     leaves, treedef = jax.tree.flatten(tree)
     sh = jax.tree.leaves(shardings)
     if len(sh) != len(leaves):
         raise ValueError(f"{len(leaves)} arrays but {len(sh)} shardings")
-    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                                        for x, s in zip(leaves, sh)])
+    return jax.tree.unflatten(
+        treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, sh)]
+    )
 
 
 @dataclasses.dataclass
@@ -251,8 +291,10 @@ def lower_step(config, devices, *, batch_size: int | None = None, settings: dict
     b = int(batch_size or config.data.batch_size)
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
     if b % spec.grad_accum or b % n_batch:
-        raise ValueError(f"global batch {b} (config data.batch_size / --batch_size) must be divisible by "
-                         f"optim.grad_accum={spec.grad_accum} and by data*fsdp={n_batch}")
+        raise ValueError(
+            f"global batch {b} (config data.batch_size / --batch_size) must be divisible by "
+            f"optim.grad_accum={spec.grad_accum} and by data*fsdp={n_batch}"
+        )
     student, teacher = build_abstract(config, s_cfg, t_cfg, spec)
     tx = S.make_optimizer(config.optim)
     with jax.set_mesh(mesh):  # as in training: activation sharding constraints need the mesh
@@ -283,39 +325,66 @@ FLOPS_CONVENTION = (
     " with dX = 1 when anything upstream trains, dW = 1 for trained weights, for LoRA adapters and for "
     "attention scores (both operands), recompute = 1 for remat 'full' / 'nothing_saveable' / "
     "'save_attn_mlp_out' (attention only for 'dots_with_no_batch_dims_saveable'). Projector x(1 + dW), "
-    "feature maps x3. Norms, softmax and elementwise ops are not counted.")
+    "feature maps x3. Norms, softmax and elementwise ops are not counted."
+)
 
 # remat policy -> (dense, attention-score) matmuls recomputed in the backward pass
-_RECOMPUTE = {"none": (0, 0), "everything_saveable": (0, 0), "dots_saveable": (0, 0),
-              "dots_with_no_batch_dims_saveable": (0, 1), "full": (1, 1), "nothing_saveable": (1, 1),
-              "save_attn_mlp_out": (1, 1)}
-_LORA_SHAPES = {"q_proj": ("d", "q"), "k_proj": ("d", "kv"), "v_proj": ("d", "kv"), "o_proj": ("q", "d"),
-                "gate_proj": ("d", "i"), "up_proj": ("d", "i"), "down_proj": ("i", "d")}
+_RECOMPUTE = {
+    "none": (0, 0),
+    "everything_saveable": (0, 0),
+    "dots_saveable": (0, 0),
+    "dots_with_no_batch_dims_saveable": (0, 1),
+    "full": (1, 1),
+    "nothing_saveable": (1, 1),
+    "save_attn_mlp_out": (1, 1),
+}
+_LORA_SHAPES = {
+    "q_proj": ("d", "q"),
+    "k_proj": ("d", "kv"),
+    "v_proj": ("d", "kv"),
+    "o_proj": ("q", "d"),
+    "gate_proj": ("d", "i"),
+    "up_proj": ("d", "i"),
+    "down_proj": ("i", "d"),
+}
 
 
 def trainable_parts(paths) -> dict:
     """Which student components train, from the '/'-joined trainable parameter paths."""
     is_lora = lambda p: "lora_a" in p or "lora_b" in p
     has = lambda prefix, lora=False: any(p.startswith(prefix) and is_lora(p) == lora for p in paths)
-    return dict(vision=has("model/vision/"), projector=has("model/projector/"), embed=has("model/llm/embed"),
-                llm_dense=has("model/llm/layers/"), lora=has("model/llm/", lora=True),
-                head=has("model/llm/lm_head"))
+    return dict(
+        vision=has("model/vision/"),
+        projector=has("model/projector/"),
+        embed=has("model/llm/embed"),
+        llm_dense=has("model/llm/layers/"),
+        lora=has("model/llm/", lora=True),
+        head=has("model/llm/lm_head"),
+    )
 
 
 def _lora_fwd(text, tokens: int, lora) -> int:
     """Forward FLOPs of the LoRA adapters (x@A then @B) of all decoder layers; 0 without LoRA."""
     if lora is None:
         return 0
-    dims = dict(d=text.hidden_size, i=text.intermediate_size, q=text.num_heads * text.head_dim,
-                kv=text.num_kv_heads * text.head_dim)
-    per_layer = sum(2 * tokens * lora.rank * (dims[a] + dims[b])
-                    for name, (a, b) in _LORA_SHAPES.items() if name in lora.targets)
+    dims = dict(
+        d=text.hidden_size,
+        i=text.intermediate_size,
+        q=text.num_heads * text.head_dim,
+        kv=text.num_kv_heads * text.head_dim,
+    )
+    per_layer = sum(
+        2 * tokens * lora.rank * (dims[a] + dims[b])
+        for name, (a, b) in _LORA_SHAPES.items()
+        if name in lora.targets
+    )
     return text.num_layers * per_layer
 
 
 def _decoder(text, queries: int, keys: int) -> tuple[int, int]:
     """(dense, attention-score) forward FLOPs of the decoder: `queries` tokens attending `keys` keys."""
     from rskd_jax.eval import flops as F  # noqa: PLC0415
+
     f = F.llm_flops(text, queries, logits_positions=0)
     attn = text.num_layers * 2 * 2 * queries * keys * text.num_heads * text.head_dim
     return f["layers"] - f["attention"], attn
@@ -324,6 +393,7 @@ def _decoder(text, queries: int, keys: int) -> tuple[int, int]:
 def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | None = None) -> dict:
     """Analytic FLOPs of one global training step (FLOPS_CONVENTION): total and by component."""
     from rskd_jax.eval import flops as F  # noqa: PLC0415
+
     d = config.data
     b = int(batch_size or d.batch_size)
     tr = trainable_parts(trainable_paths)
@@ -362,14 +432,23 @@ def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | No
         parts["vision (shared teacher tower)"] = vision(t_cfg)
     if spec.needs_rollout:
         p, r = int(d.prompt_len), int(spec.sampling.max_new_tokens)
-        parts["rollout prefill"] = (frozen_fwd(s_cfg, p, p + r, True, lora) + head(s_cfg, 1)
-                                    + frozen_fwd(t_cfg, p, p + r, True) + head(t_cfg, 1))
-        parts["rollout decode"] = r * (frozen_fwd(s_cfg, 1, p + r, False, lora) + head(s_cfg, 1)
-                                       + frozen_fwd(t_cfg, 1, p + r, False) + head(t_cfg, 1))
+        parts["rollout prefill"] = (
+            frozen_fwd(s_cfg, p, p + r, True, lora)
+            + head(s_cfg, 1)
+            + frozen_fwd(t_cfg, p, p + r, True)
+            + head(t_cfg, 1)
+        )
+        parts["rollout decode"] = r * (
+            frozen_fwd(s_cfg, 1, p + r, False, lora)
+            + head(s_cfg, 1)
+            + frozen_fwd(t_cfg, 1, p + r, False)
+            + head(t_cfg, 1)
+        )
         parts["student fwd+bwd (prompt+response)"] = student_grad(p + r)
         parts["teacher fwd (prompt+response)"] = frozen_fwd(t_cfg, p + r, p + r, True)
-        parts["heads (response chunks)"] = (head(s_cfg, padded(r)) * (3 + tr["head"])
-                                            + head(t_cfg, padded(r)) * 2)
+        parts["heads (response chunks)"] = (
+            head(s_cfg, padded(r)) * (3 + tr["head"]) + head(t_cfg, padded(r)) * 2
+        )
     if any(spec.w(k) > 0 for k in ("sft", "fkl", "feat_image", "feat_text", "feat_proj")):
         n = int(d.seq_len)
         parts["student fwd+bwd (ground truth)"] = student_grad(n)
@@ -377,16 +456,22 @@ def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | No
             parts["teacher fwd (ground truth)"] = frozen_fwd(t_cfg, n, n, True)
         fkl = spec.w("fkl") > 0
         if spec.w("sft") > 0 or fkl:
-            parts["heads (ground-truth chunks)"] = (head(s_cfg, padded(n)) * (3 + tr["head"])
-                                                    + head(t_cfg, padded(n)) * 2 * fkl)
+            parts["heads (ground-truth chunks)"] = (
+                head(s_cfg, padded(n)) * (3 + tr["head"]) + head(t_cfg, padded(n)) * 2 * fkl
+            )
         ds, dt = s_cfg.text.hidden_size, t_cfg.text.hidden_size
         feat = spec.w("feat_image") + spec.w("feat_text") > 0
         maps = 3 * 2 * ds * dt * (n * len(spec.feature_layers) * feat + n_img * (spec.w("feat_proj") > 0))
         if maps:
             parts["feature maps"] = maps
     per_seq = sum(parts.values())
-    return dict(total=b * per_seq, per_sequence=per_seq, batch_size=b,
-                components={k: b * v for k, v in parts.items()}, convention=FLOPS_CONVENTION)
+    return dict(
+        total=b * per_seq,
+        per_sequence=per_seq,
+        batch_size=b,
+        components={k: b * v for k, v in parts.items()},
+        convention=FLOPS_CONVENTION,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -422,39 +507,65 @@ def _rss_gib() -> float:
 def memory_stats(compiled, backend: str) -> dict:
     """Per-device bytes from `compiled.memory_analysis()`; total = arg + out - alias + temp + code."""
     ma = compiled.memory_analysis()
-    m = dict(argument=int(ma.argument_size_in_bytes), output=int(ma.output_size_in_bytes),
-             alias=int(ma.alias_size_in_bytes), temp=int(ma.temp_size_in_bytes),
-             code=int(ma.generated_code_size_in_bytes))
+    m = dict(
+        argument=int(ma.argument_size_in_bytes),
+        output=int(ma.output_size_in_bytes),
+        alias=int(ma.alias_size_in_bytes),
+        temp=int(ma.temp_size_in_bytes),
+        code=int(ma.generated_code_size_in_bytes),
+    )
     m["total"] = m["argument"] + m["output"] - m["alias"] + m["temp"] + m["code"]
     peak = getattr(ma, "peak_memory_in_bytes", None)
     m["peak"] = int(peak) if backend == "tpu" and peak is not None else None
     return m
 
 
-def plan(config, topology: str | Topology, *, batch_size: int | None = None, remat: str | None = None,
-         compute_dtype: str | None = None, teacher_param_dtype: str | None = None,
-         student_param_dtype: str | None = None, hbm_bytes: int | None = None, margin: float = 0.10,
-         dump_hlo: str | os.PathLike | None = None, backend: str = "auto",
-         log: Callable[[str], None] = print) -> PlanResult:
+def plan(
+    config,
+    topology: str | Topology,
+    *,
+    batch_size: int | None = None,
+    remat: str | None = None,
+    compute_dtype: str | None = None,
+    teacher_param_dtype: str | None = None,
+    student_param_dtype: str | None = None,
+    hbm_bytes: int | None = None,
+    margin: float = 0.10,
+    dump_hlo: str | os.PathLike | None = None,
+    backend: str = "auto",
+    log: Callable[[str], None] = print,
+) -> PlanResult:
     """Compiles one training step of `config` for `topology` ahead of time and sizes it (module docstring)."""
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
     backend = backend_for(topo, backend)
     if backend == "tpu":
         label = f"libtpu deviceless compile for {topo.topology_name}"
     else:
-        why = ("" if topo.platform != "tpu" else "; --backend cpu" if libtpu_available()
-               else "; libtpu not installed: pip install -e .[plan]")
+        why = (
+            ""
+            if topo.platform != "tpu"
+            else "; --backend cpu"
+            if libtpu_available()
+            else "; libtpu not installed: pip install -e .[plan]"
+        )
         label = f"PESSIMISTIC XLA:CPU estimate ({topo.devices} fake CPU devices in place of {topo.chip}{why})"
     t0 = time.perf_counter()
     log(f"[plan] {topo.name}: {topo.devices} x {topo.chip}, {label}")
     devices = target_devices(topo, backend)
-    settings = resolve_settings(config, compute_dtype=compute_dtype, teacher_param_dtype=teacher_param_dtype,
-                                student_param_dtype=student_param_dtype, remat=remat)
+    settings = resolve_settings(
+        config,
+        compute_dtype=compute_dtype,
+        teacher_param_dtype=teacher_param_dtype,
+        student_param_dtype=student_param_dtype,
+        remat=remat,
+    )
     log("[plan] building the abstract teacher / student and the train step, lowering ...")
     lo = lower_step(config, devices, batch_size=batch_size, settings=settings)
     t_lower = time.perf_counter() - t0
-    log(f"[plan] lowered in {t_lower:.1f} s; compiling with "
-        f"{'libtpu (13B->7B: 3-4 CPU-minutes)' if backend == 'tpu' else 'XLA:CPU'} ...")
+    log(
+        f"[plan] lowered in {t_lower:.1f} s; compiling with "
+        f"{'libtpu (13B->7B: 3-4 CPU-minutes)' if backend == 'tpu' else 'XLA:CPU'} ..."
+    )
     t1 = time.perf_counter()
     try:
         compiled, error = lo.lowered.compile(), None
@@ -470,25 +581,48 @@ def plan(config, topology: str | Topology, *, batch_size: int | None = None, rem
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(compiled.as_text())
         log(f"[plan] wrote {path}")
-    mem = memory_stats(compiled, backend) if compiled is not None else dict.fromkeys(
-        ("argument", "output", "alias", "temp", "code", "total", "peak"))
+    mem = (
+        memory_stats(compiled, backend)
+        if compiled is not None
+        else dict.fromkeys(("argument", "output", "alias", "temp", "code", "total", "peak"))
+    )
     hbm = int(hbm_bytes if hbm_bytes is not None else topo.hbm_bytes)
     b = int(batch_size or config.data.batch_size)
     fl = step_flops(config, lo.student_cfg, lo.teacher_cfg, lo.spec, lo.trainable_paths, b)
     fl["per_device"] = fl["total"] / topo.devices
     cost = compiled.cost_analysis() if compiled is not None else None
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    actual = dict(compute_dtype=lo.student_cfg.dtype, teacher_param_dtype=lo.teacher_cfg.param_dtype,
-                  student_param_dtype=lo.student_cfg.param_dtype, remat=lo.student_cfg.remat_policy)
+    actual = dict(
+        compute_dtype=lo.student_cfg.dtype,
+        teacher_param_dtype=lo.teacher_cfg.param_dtype,
+        student_param_dtype=lo.student_cfg.param_dtype,
+        remat=lo.student_cfg.remat_policy,
+    )
     return PlanResult(
-        topology=topo.name, chip=topo.chip, backend=backend, label=label, devices=topo.devices,
-        mesh=dict(lo.mesh.shape), batch_size=b, grad_accum=lo.spec.grad_accum,
-        settings={k: [actual[k], src] for k, (_, src) in settings.items()}, memory=mem, error=error,
-        hbm_bytes=hbm, margin=margin, fits=error is None and mem["total"] <= (1 - margin) * hbm, flops=fl,
+        topology=topo.name,
+        chip=topo.chip,
+        backend=backend,
+        label=label,
+        devices=topo.devices,
+        mesh=dict(lo.mesh.shape),
+        batch_size=b,
+        grad_accum=lo.spec.grad_accum,
+        settings={k: [actual[k], src] for k, (_, src) in settings.items()},
+        memory=mem,
+        error=error,
+        hbm_bytes=hbm,
+        margin=margin,
+        fits=error is None and mem["total"] <= (1 - margin) * hbm,
+        flops=fl,
         xla_flops_per_device=float(cost["flops"]) if cost and "flops" in cost else None,
         step_time_s={f"{round(u * 100)}%": fl["per_device"] / (topo.peak_flops * u) for u in (1.0, 0.4)},
-        timings=dict(lower_s=t_lower, compile_s=t_compile, total_s=time.perf_counter() - t0,
-                     host_peak_rss_gib=_rss_gib()))
+        timings=dict(
+            lower_s=t_lower,
+            compile_s=t_compile,
+            total_s=time.perf_counter() - t0,
+            host_peak_rss_gib=_rss_gib(),
+        ),
+    )
 
 
 def format_table(r: PlanResult) -> str:
@@ -496,8 +630,13 @@ def format_table(r: PlanResult) -> str:
     g = lambda x: "n/a" if x is None else f"{x / GIB:.2f}"
     m, budget = r.memory, (1 - r.margin) * r.hbm_bytes
     peak_tflops = r.flops["per_device"] / r.step_time_s["100%"] / 1e12 if r.step_time_s["100%"] else 0.0
-    peak = (f"{g(m['peak'])} GiB" if m["peak"] is not None else "n/a" if r.backend == "tpu"
-            else "n/a (XLA:CPU repeats the argument size)")
+    peak = (
+        f"{g(m['peak'])} GiB"
+        if m["peak"] is not None
+        else "n/a"
+        if r.backend == "tpu"
+        else "n/a (XLA:CPU repeats the argument size)"
+    )
     lines = [
         f"## plan: {r.topology} ({r.devices} x {r.chip}), mesh {r.mesh}, global batch {r.batch_size} "
         f"(grad_accum {r.grad_accum})",
@@ -510,8 +649,12 @@ def format_table(r: PlanResult) -> str:
         f"| {r.topology} | {g(m['argument'])} | {g(m['output'])} | {g(m['alias'])} | {g(m['temp'])} | "
         f"{g(m['code'])} | **{g(m['total'])}** | {g(r.hbm_bytes)} | {g(budget)} | {g(m['peak'])} |",
         "",
-        (f"total = argument + output - alias + temp + code = {m['total']:,} bytes per device "
-         f"({100 * m['total'] / r.hbm_bytes:.1f}% of HBM)" if r.error is None else f"compiler: {r.error}"),
+        (
+            f"total = argument + output - alias + temp + code = {m['total']:,} bytes per device "
+            f"({100 * m['total'] / r.hbm_bytes:.1f}% of HBM)"
+            if r.error is None
+            else f"compiler: {r.error}"
+        ),
         f"peak_memory_in_bytes: {peak}",
         f"FLOPs per step (analytic): {r.flops['total']:.3e} global, {r.flops['per_device']:.3e} per device",
         *[f"    {k:<36s} {v:.3e}" for k, v in r.flops["components"].items()],

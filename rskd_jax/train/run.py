@@ -9,17 +9,16 @@ Stages (each in its own sub-directory of the workdir, each resuming from its own
 
 A stage whose checkpoints already reach its step count is not re-run: its final checkpoint is restored.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import sys
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from rskd_jax.distill import step as S
@@ -57,15 +56,21 @@ def setup_logging():
 # ----------------------------------------------------------------------------------------------- data
 def make_sources(config, image_size: int):
     from rskd_jax.data import SynthSource  # noqa: PLC0415
+
     d = config.data
     if d.name == "rs-synth":
-        return (SynthSource(d.train_size, image_size=image_size, seed=config.seed, split="train"),
-                SynthSource(d.eval_size, image_size=image_size, seed=config.seed, split="val"))
+        return (
+            SynthSource(d.train_size, image_size=image_size, seed=config.seed, split="train"),
+            SynthSource(d.eval_size, image_size=image_size, seed=config.seed, split="val"),
+        )
     if d.name == "geochat_instruct":
         from rskd_jax.data import InstructSource  # noqa: PLC0415
+
         if not d.instruct_json:
-            raise KeyError("config data.instruct_json: path of GeoChat_Instruct.json is required for "
-                           "data.name='geochat_instruct'")
+            raise KeyError(
+                "config data.instruct_json: path of GeoChat_Instruct.json is required for "
+                "data.name='geochat_instruct'"
+            )
         return InstructSource(d.instruct_json, image_root=d.image_root), None
     raise KeyError(f"config data.name={d.name!r}: expected 'rs-synth' or 'geochat_instruct'")
 
@@ -73,13 +78,22 @@ def make_sources(config, image_size: int):
 def prepare(config, workdir) -> Context:
     from rskd_jax.data import load_tokenizer, special_ids  # noqa: PLC0415
     from rskd_jax.data.synth import train_synth_tokenizer  # noqa: PLC0415
+
     workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
     workdir.mkdir(parents=True, exist_ok=True)
-    if (config.get("teacher") and config.teacher.checkpoint or config.get("student") and config.student.checkpoint
-            or config.get("model") and config.model.checkpoint) and not config.data.tokenizer:
-        raise KeyError("config data.tokenizer: give the tokenizer directory of the converted checkpoints (e.g. the "
-                       "checkpoint directory itself); without it a small rs-synth tokenizer would be trained whose "
-                       "ids do not match the checkpoint's vocabulary")
+    if (
+        config.get("teacher")
+        and config.teacher.checkpoint
+        or config.get("student")
+        and config.student.checkpoint
+        or config.get("model")
+        and config.model.checkpoint
+    ) and not config.data.tokenizer:
+        raise KeyError(
+            "config data.tokenizer: give the tokenizer directory of the converted checkpoints (e.g. the "
+            "checkpoint directory itself); without it a small rs-synth tokenizer would be trained whose "
+            "ids do not match the checkpoint's vocabulary"
+        )
     tok_dir = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else workdir / "tokenizer"
     if not (tok_dir / "tokenizer_config.json").exists():
         if config.data.tokenizer:
@@ -103,45 +117,76 @@ def prepare(config, workdir) -> Context:
 # ----------------------------------------------------------------------------------------------- models
 def model_config(ctx: Context, mc):
     from rskd_jax.models import get_preset  # noqa: PLC0415
+
     base = get_preset(mc.preset)
     vision = dataclasses.replace(base.vision, image_size=ctx.config.data.image_size, **dict(mc.vision))
     text = dataclasses.replace(base.text, vocab_size=ctx.vocab_size, **dict(mc.text))
-    return base.replace(vision=vision, text=text, image_token_id=ctx.ids.image, pad_token_id=ctx.ids.pad,
-                        bos_token_id=ctx.ids.bos, eos_token_id=ctx.ids.eos, **dict(mc.overrides))
+    return base.replace(
+        vision=vision,
+        text=text,
+        image_token_id=ctx.ids.image,
+        pad_token_id=ctx.ids.pad,
+        bos_token_id=ctx.ids.bos,
+        eos_token_id=ctx.ids.eos,
+        **dict(mc.overrides),
+    )
 
 
 def build_model(ctx: Context, mc, seed: int):
     """The model a config section names: a converted checkpoint, or a fresh random init (demo)."""
     if mc.checkpoint:
         from rskd_jax import load_pretrained  # noqa: PLC0415
+
         loaded = load_pretrained(mc.checkpoint)
         return loaded[0] if isinstance(loaded, tuple) else loaded.model
     from rskd_jax.models import LlavaModel  # noqa: PLC0415
+
     return LlavaModel(model_config(ctx, mc), rngs=nnx.Rngs(seed))
 
 
 def transform_for(ctx: Context, cfg):
     from rskd_jax.data import ExampleTransform  # noqa: PLC0415
+
     d = ctx.config.data
-    return ExampleTransform(str(ctx.tokenizer_dir), image_size=cfg.vision.image_size,
-                            image_seq_length=cfg.image_seq_length, max_len=d.seq_len, max_prompt_len=d.prompt_len,
-                            template=d.template)
+    return ExampleTransform(
+        str(ctx.tokenizer_dir),
+        image_size=cfg.vision.image_size,
+        image_seq_length=cfg.image_seq_length,
+        max_len=d.seq_len,
+        max_prompt_len=d.prompt_len,
+        template=d.template,
+    )
 
 
 def dataset_for(ctx: Context, cfg, seed: int):
     from rskd_jax.data import make_dataset  # noqa: PLC0415
+
     d = ctx.config.data
     shard, count = multihost.process_shard_info(ctx.mesh)
-    return make_dataset(ctx.train_source, transform_for(ctx, cfg), batch_size=d.batch_size // count, seed=seed,
-                        shard_index=shard, shard_count=count, skip_bad_records=d.skip_bad_records)
+    return make_dataset(
+        ctx.train_source,
+        transform_for(ctx, cfg),
+        batch_size=d.batch_size // count,
+        seed=seed,
+        shard_index=shard,
+        shard_count=count,
+        skip_bad_records=d.skip_bad_records,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- stages
 def _fit_common(ctx: Context):
     c = ctx.config
-    return dict(mesh=ctx.mesh, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep_checkpoints,
-                max_nonfinite_in_a_row=c.max_nonfinite_in_a_row, num_workers=c.data.num_workers, config=c,
-                debug=c.get("debug"))
+    return dict(
+        mesh=ctx.mesh,
+        log_every=c.log_every,
+        ckpt_every=c.ckpt_every,
+        keep=c.keep_checkpoints,
+        max_nonfinite_in_a_row=c.max_nonfinite_in_a_row,
+        num_workers=c.data.num_workers,
+        config=c,
+        debug=c.get("debug"),
+    )
 
 
 def sft_stage(ctx: Context, name: str, mc, seed: int):
@@ -154,9 +199,19 @@ def sft_stage(ctx: Context, name: str, mc, seed: int):
     trainable = mc.get("trainable", "all+vision")
     if trainable == "lora":
         add_lora(ctx.config, model)
-    res = loop.fit(workdir=ctx.workdir / name, model=model, teacher=None, spec=S.sft_spec(ctx.config, model.cfg),
-                   optim_cfg=optim, trainable=trainable, total_steps=mc.sft_steps,
-                   dataset=dataset_for(ctx, model.cfg, seed), seed=seed, name=name, **_fit_common(ctx))
+    res = loop.fit(
+        workdir=ctx.workdir / name,
+        model=model,
+        teacher=None,
+        spec=S.sft_spec(ctx.config, model.cfg),
+        optim_cfg=optim,
+        trainable=trainable,
+        total_steps=mc.sft_steps,
+        dataset=dataset_for(ctx, model.cfg, seed),
+        seed=seed,
+        name=name,
+        **_fit_common(ctx),
+    )
     if res.preempted:
         raise SystemExit(0)
     return res.model
@@ -168,10 +223,22 @@ def distill_stage(ctx: Context, student, teacher):
     maps = S.maps_for_spec(spec, student.cfg, teacher.cfg, nnx.Rngs(c.seed + 7))
     if c.trainable == "lora":
         add_lora(c, student)
-    res = loop.fit(workdir=ctx.workdir / "distill", model=student, teacher=teacher, spec=spec, optim_cfg=c.optim,
-                   trainable=c.trainable, total_steps=c.total_steps, dataset=dataset_for(ctx, student.cfg, c.seed + 2),
-                   seed=c.seed + 2, maps=maps, name="distill", eval_fn=periodic_eval(ctx),
-                   eval_every=c.eval_every, **_fit_common(ctx))
+    res = loop.fit(
+        workdir=ctx.workdir / "distill",
+        model=student,
+        teacher=teacher,
+        spec=spec,
+        optim_cfg=c.optim,
+        trainable=c.trainable,
+        total_steps=c.total_steps,
+        dataset=dataset_for(ctx, student.cfg, c.seed + 2),
+        seed=c.seed + 2,
+        maps=maps,
+        name="distill",
+        eval_fn=periodic_eval(ctx),
+        eval_every=c.eval_every,
+        **_fit_common(ctx),
+    )
     if res.preempted:
         raise SystemExit(0)
     return res
@@ -184,10 +251,21 @@ def sft_only(ctx: Context):
     if ctx.eval_source is None:
         return None
     from rskd_jax.eval import report, runner  # noqa: PLC0415
-    res = runner.evaluate(model, ctx.tokenizer_dir, {"rs-synth": ctx.eval_source}, tasks=tuple(c.eval.tasks),
-                          batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
-                          limit=c.eval.limit or None, out_dir=ctx.workdir / "eval", meteor=False, model_name="model",
-                          max_prompt_len=c.data.prompt_len, progress=False)
+
+    res = runner.evaluate(
+        model,
+        ctx.tokenizer_dir,
+        {"rs-synth": ctx.eval_source},
+        tasks=tuple(c.eval.tasks),
+        batch_size=c.eval.batch_size,
+        max_new_tokens=c.eval.max_new_tokens,
+        limit=c.eval.limit or None,
+        out_dir=ctx.workdir / "eval",
+        meteor=False,
+        model_name="model",
+        max_prompt_len=c.data.prompt_len,
+        progress=False,
+    )
     report.write_report({"model": res}, ctx.workdir, name="report", title="rs-synth: fine-tuned model")
     return res
 
@@ -196,6 +274,7 @@ def export_student(ctx: Context, model):
     """The distilled student (LoRA merged, feature maps dropped) as a transformers-loadable LLaVA directory."""
     from rskd_jax.convert import export_model  # noqa: PLC0415
     from rskd_jax.models import merge_lora  # noqa: PLC0415
+
     dst = ctx.workdir / "student_hf"
     model = merge_lora(copy_model(model))
     export_model(model, model.cfg, dst, tokenizer_dir=ctx.tokenizer_dir, overwrite=True)
@@ -204,9 +283,13 @@ def export_student(ctx: Context, model):
 
 def add_lora(config, model):
     from rskd_jax.models import LoRAConfig, apply_lora  # noqa: PLC0415
+
     lo = config.lora
-    apply_lora(model, LoRAConfig(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=tuple(lo.targets)),
-               rngs=nnx.Rngs(config.seed + 11))
+    apply_lora(
+        model,
+        LoRAConfig(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=tuple(lo.targets)),
+        rngs=nnx.Rngs(config.seed + 11),
+    )
 
 
 def periodic_eval(ctx: Context):
@@ -217,12 +300,25 @@ def periodic_eval(ctx: Context):
 
     def fn(model, step):
         from rskd_jax.eval import runner  # noqa: PLC0415
-        res = runner.evaluate(model, ctx.tokenizer_dir, {"eval": ctx.eval_source}, tasks=tuple(c.eval.tasks),
-                              batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
-                              limit=min(c.eval.limit or 64, 64), meteor=False, progress=False,
-                              max_prompt_len=c.data.prompt_len)
-        return {f"eval/{k}/{m}": float(v) for k, d in res.items() for m, v in d.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+        res = runner.evaluate(
+            model,
+            ctx.tokenizer_dir,
+            {"eval": ctx.eval_source},
+            tasks=tuple(c.eval.tasks),
+            batch_size=c.eval.batch_size,
+            max_new_tokens=c.eval.max_new_tokens,
+            limit=min(c.eval.limit or 64, 64),
+            meteor=False,
+            progress=False,
+            max_prompt_len=c.data.prompt_len,
+        )
+        return {
+            f"eval/{k}/{m}": float(v)
+            for k, d in res.items()
+            for m, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
 
     return fn
 
@@ -258,8 +354,13 @@ def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes
     report = None
     if ctx.eval_source is not None and stage in ("auto", "eval"):
         from rskd_jax.eval.demo import final_report  # noqa: PLC0415
-        report = final_report(ctx, teacher=teacher, before=student_before, after=student_after,
-                              distill_dir=ctx.workdir / "distill")
+
+        report = final_report(
+            ctx,
+            teacher=teacher,
+            before=student_before,
+            after=student_after,
+            distill_dir=ctx.workdir / "distill",
+        )
     log.info("done in %.1f min; results in %s", (time.perf_counter() - t0) / 60, ctx.workdir)
     return report
-
