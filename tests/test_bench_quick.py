@@ -34,12 +34,17 @@ def _run(name: str, out: pathlib.Path, data: pathlib.Path | None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """All scripts, 3 concurrently; input.py only when the real UC Merced data is available."""
+def runs(request, tmp_path_factory):
+    """The selected tests' scripts, 3 concurrently; input.py only when the real UC Merced data is available."""
     tmp = tmp_path_factory.mktemp("bench")
     data = shared_data_dir()
+    selected = " ".join(item.name for item in request.session.items)
     names = [
-        n for n in SCRIPTS if (ROOT / "bench" / f"{n}.py").exists() and (n != "input" or data is not None)
+        n
+        for n in SCRIPTS
+        if f"test_{n}" in selected
+        and (ROOT / "bench" / f"{n}.py").exists()
+        and (n != "input" or data is not None)
     ]
     with ThreadPoolExecutor(3) as pool:
         futures = {n: pool.submit(_run, n, tmp / f"{n}.json", data) for n in names}
@@ -85,7 +90,8 @@ def test_rollout(runs):
     assert max(checks.values()) < 1e-4, checks
 
 
-def test_gpu_script_runs_on_cpu(runs):
+def test_gpu(runs):
+    """bench/gpu.py is for a lent GPU; --quick runs the same code on CPU at tiny size."""
     d = result(runs, "gpu")
     r = d["results"]
     assert {
