@@ -9,25 +9,9 @@ import numpy as np
 import torch
 import transformers
 from safetensors.torch import save_file
+from test_models_testlib import randomize_  # one weight randomiser for every HF parity test
 
 IMAGE_ID = 127  # hf-llava tiny models: <image> is the last row of a 128-word vocabulary
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial random weights: norm scales 1+0.2N, biases 0.1N, tables N(0,1), matrices N(0, 1/fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            n = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if p.ndim == 1 and ("norm" in name or "layrnorm" in name) and name.endswith("weight"):
-                p.copy_(1 + 0.2 * n)
-            elif p.ndim == 1 and "class_embedding" not in name:
-                p.copy_(0.1 * n)
-            elif "embed" in name:
-                p.copy_(n)
-            else:
-                p.copy_(n / np.sqrt(np.prod(p.shape[1:])))
-    return module
 
 
 def hf_config(
