@@ -31,23 +31,34 @@ def loss_curves(metrics_jsonl: pathlib.Path, out_png: pathlib.Path) -> dict:
     return curves
 
 
+def evaluate_split(ctx, model, *, name: str = "model", out_dir=None, limit=None) -> dict:
+    """Task metrics of `model` on the run's evaluation split (rs-synth), as configured in `config.eval`."""
+    c = ctx.config
+    return runner.evaluate(
+        model,
+        ctx.tokenizer_dir,
+        {"rs-synth": ctx.eval_source},
+        tasks=tuple(c.eval.tasks),
+        batch_size=c.eval.batch_size,
+        max_new_tokens=c.eval.max_new_tokens,
+        limit=limit if limit is not None else (c.eval.limit or None),
+        out_dir=out_dir,
+        meteor=False,
+        model_name=name,
+        max_prompt_len=c.data.prompt_len,
+        progress=False,
+    )
+
+
 def divergences(ctx, students: dict, teacher) -> dict:
     """Token-level KL of each student to the teacher on the evaluation split (training chat template)."""
-    from rskd_jax.data import ExampleTransform, eval_batches  # noqa: PLC0415
+    from rskd_jax.data import eval_batches  # noqa: PLC0415
+    from rskd_jax.train.run import transform_for  # noqa: PLC0415
 
     c = ctx.config
     out = {}
     for name, model in students.items():
-        cfg = model.cfg
-        tr = ExampleTransform(
-            str(ctx.tokenizer_dir),
-            image_size=cfg.vision.image_size,
-            image_seq_length=cfg.image_seq_length,
-            max_len=c.data.seq_len,
-            max_prompt_len=c.data.prompt_len,
-            template=c.data.template,
-        )
-        batches = eval_batches(ctx.eval_source, tr, c.eval.batch_size)
+        batches = eval_batches(ctx.eval_source, transform_for(ctx, model.cfg), c.eval.batch_size)
         out[name] = divergence_to_teacher(
             model, teacher, batches, max_new_tokens=c.sampling.max_new_tokens, seed=c.seed
         )
@@ -61,20 +72,7 @@ def final_report(ctx, *, teacher, before, after, distill_dir) -> dict:
     for name, model in zip(NAMES, (teacher, before, after)):
         log.info("evaluating %s on %s", name, ctx.eval_source)
         key = name.replace(" ", "_").replace("(", "").replace(")", "")
-        res = runner.evaluate(
-            model,
-            ctx.tokenizer_dir,
-            {"rs-synth": ctx.eval_source},
-            tasks=tuple(c.eval.tasks),
-            batch_size=c.eval.batch_size,
-            max_new_tokens=c.eval.max_new_tokens,
-            limit=c.eval.limit or None,
-            out_dir=wd / "eval" / key,
-            meteor=False,
-            model_name=name,
-            max_prompt_len=c.data.prompt_len,
-            progress=False,
-        )
+        res = evaluate_split(ctx, model, name=name, out_dir=wd / "eval" / key)
         res["params_flops"] = flops.params_flops_metrics(model.cfg, c.data.seq_len)
         results[name] = res
     div = divergences(ctx, {NAMES[1]: before, NAMES[2]: after}, teacher)

@@ -250,22 +250,10 @@ def sft_only(ctx: Context):
     model = sft_stage(ctx, "sft", c.model, c.seed)
     if ctx.eval_source is None:
         return None
-    from rskd_jax.eval import report, runner  # noqa: PLC0415
+    from rskd_jax.eval import report  # noqa: PLC0415
+    from rskd_jax.eval.demo import evaluate_split  # noqa: PLC0415
 
-    res = runner.evaluate(
-        model,
-        ctx.tokenizer_dir,
-        {"rs-synth": ctx.eval_source},
-        tasks=tuple(c.eval.tasks),
-        batch_size=c.eval.batch_size,
-        max_new_tokens=c.eval.max_new_tokens,
-        limit=c.eval.limit or None,
-        out_dir=ctx.workdir / "eval",
-        meteor=False,
-        model_name="model",
-        max_prompt_len=c.data.prompt_len,
-        progress=False,
-    )
+    res = evaluate_split(ctx, model, out_dir=ctx.workdir / "eval")
     report.write_report({"model": res}, ctx.workdir, name="report", title="rs-synth: fine-tuned model")
     return res
 
@@ -299,20 +287,9 @@ def periodic_eval(ctx: Context):
     c = ctx.config
 
     def fn(model, step):
-        from rskd_jax.eval import runner  # noqa: PLC0415
+        from rskd_jax.eval.demo import evaluate_split  # noqa: PLC0415
 
-        res = runner.evaluate(
-            model,
-            ctx.tokenizer_dir,
-            {"eval": ctx.eval_source},
-            tasks=tuple(c.eval.tasks),
-            batch_size=c.eval.batch_size,
-            max_new_tokens=c.eval.max_new_tokens,
-            limit=min(c.eval.limit or 64, 64),
-            meteor=False,
-            progress=False,
-            max_prompt_len=c.data.prompt_len,
-        )
+        res = evaluate_split(ctx, model, limit=min(c.eval.limit or 64, 64))
         return {
             f"eval/{k}/{m}": float(v)
             for k, d in res.items()
