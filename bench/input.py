@@ -17,14 +17,17 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
-import numpy as np
-from absl import flags
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # runs without `pip install -e .`
 
-from rskd_jax.data import pipeline
-from rskd_jax.data.sources import SceneFolderSource
-from rskd_jax.data.transforms import decode_image, preprocess_image
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from rskd_jax.data import pipeline  # noqa: E402
+from rskd_jax.data.sources import SceneFolderSource  # noqa: E402
+from rskd_jax.data.transforms import decode_image, preprocess_image  # noqa: E402
 
 
 class ImageTransform:

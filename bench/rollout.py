@@ -80,10 +80,14 @@ def run_config(
     threads: list[int],
     peers: bool = True,
     student_only: bool = True,
+    unrolled: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     hf_t, hf_s = C.hf_llava(bc.teacher, seed=1).eval(), C.hf_llava(bc.student, seed=2).eval()
-    student, teacher = C.jax_from_hf(bc.student, hf_s), C.jax_from_hf(bc.teacher, hf_t)
+    models = {True: (C.jax_from_hf(bc.student, hf_s), C.jax_from_hf(bc.teacher, hf_t))}
+    if unrolled:  # the same weights with scan_layers=False (per-layer arrays: no slicing in the decode loop)
+        un = lambda cfg, hf: C.jax_from_hf(cfg.replace(scan_layers=False), hf)
+        models[False] = (un(bc.student, hf_s), un(bc.teacher, hf_t))
     batch = C.token_batch(bc, seed=0)
     img, pad = bc.student.image_token_id, bc.student.pad_token_id
     ids, mask = torch.from_numpy(batch["prompt_ids"]).long(), torch.from_numpy(batch["prompt_mask"]).long()
@@ -92,16 +96,20 @@ def run_config(
     cfg = R.SamplingConfig(max_new_tokens=new_tokens, alpha=ALPHA)
     cfg_s = R.SamplingConfig(max_new_tokens=new_tokens, alpha=0.0)
     compile_s, fns, outs = {}, {}, {}
-    variants = [("ours", cfg, True)] + ([("ours_student", cfg_s, False)] if student_only else [])
+    variants = [("ours", cfg, True, True)] + ([("ours_student", cfg_s, False, True)] if student_only else [])
+    if unrolled:
+        variants += [("ours_unrolled", cfg, True, False)]
+        variants += [("ours_student_unrolled", cfg_s, False, False)] if student_only else []
     C.log(f"{bc.name}: compiling our rollout ({[v[0] for v in variants]})")
-    for name, c, mixed in variants:
+    for name, c, mixed, scan in variants:
+        student, teacher = models[scan]
         fn = jax_sampler(c, eos_id=-1, pad_id=pad, with_teacher=mixed)
         t0 = time.perf_counter()
         compiled = fn.lower(student, teacher, *j_in, jax.random.key(0)).compile()
         compile_s[name] = time.perf_counter() - t0
         keys = iter(jax.random.split(jax.random.key(1), 10**4))
 
-        def call(compiled=compiled, keys=keys):
+        def call(compiled=compiled, keys=keys, student=student, teacher=teacher):
             return jax.block_until_ready(compiled(student, teacher, *j_in, next(keys)))
 
         outs[name], fns[name] = call(), call
@@ -191,10 +199,13 @@ def run_config(
         (r for k, r in rows.items() if k.startswith(prefix)), key=lambda r: r["rollout_ms"], default=None
     )
     ratios = {}
-    for prefix in ("generate", "minillm"):
-        if best(prefix):
-            ratios[f"ours_vs_{prefix}"] = best(prefix)["rollout_ms"] / rows["ours"]["rollout_ms"]
-            ratios[f"ours_vs_{prefix}_peer"] = best(prefix)["impl"]
+    # ours: the mixed rollout (scanned layers, the default); ours_student: the like-for-like peer of generate
+    pairs = [("ours", "generate"), ("ours", "minillm"), ("ours_student", "generate")]
+    pairs += [("ours_unrolled", "minillm"), ("ours_student_unrolled", "generate")]
+    for mine, prefix in pairs:
+        if best(prefix) and mine in rows:
+            ratios[f"{mine}_vs_{prefix}"] = best(prefix)["rollout_ms"] / rows[mine]["rollout_ms"]
+            ratios[f"{mine}_vs_{prefix}_peer"] = best(prefix)["impl"]
     return dict(
         config=bc.name,
         batch=bc.batch,
@@ -213,6 +224,7 @@ def main():
     p.add_argument("--configs", default="tiny,small")
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--torch_threads", default="", help="comma list; default: all cores (= XLA's pool) and 1")
+    p.add_argument("--unrolled_timing", action="store_true", help="also time unrolled-layer builds")
     a = p.parse_args()
     names = ["tiny"] if a.quick else a.configs.split(",")
     warmup, reps = (0, 1) if a.quick else (a.warmup, a.reps)
@@ -232,6 +244,7 @@ def main():
             reps=reps,
             threads=threads,
             student_only=not a.quick,
+            unrolled=a.unrolled_timing,
         )
         for n in names
     ]

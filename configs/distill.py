@@ -98,6 +98,7 @@ def get_config(arg=None):
             temperature=1.0,
             feature_kind="cosine",
             feature_layers=((-1, -1),),
+            pack_views=True,
         )
     )
     c.optim = ml_collections.ConfigDict(

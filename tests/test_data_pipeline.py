@@ -98,7 +98,7 @@ def test_resume_with_two_workers(transform):
         finally:
             it3.close()
         assert _equal(got, ref[3:6]) and not _equal(got, ref[:3])
-        assert type(got[0]["input_ids"]) is np.ndarray  # copied out of shared memory
+        assert isinstance(got[0]["input_ids"], np.ndarray)  # a view of shared memory (no copy by default)
     finally:
         it.close()
         del it
@@ -208,3 +208,14 @@ def test_eval_batches_pad_and_return_records():
     ]
     ids = np.concatenate(shards)
     assert collections.Counter(ids[ids >= 0].tolist()) == collections.Counter(range(10))
+
+
+def test_own_memory_copies_batches_out_of_shared_memory(transform):
+    it = pipeline.make_iterator(_ds(transform), num_workers=1, own_memory=True)
+    try:
+        got = _take(it, 2)
+    finally:
+        it.close()
+    assert all(type(b["input_ids"]) is np.ndarray for b in got)
+    ref = _take(pipeline.make_iterator(_ds(transform)), 2)
+    assert _equal(got, ref)

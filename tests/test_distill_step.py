@@ -178,3 +178,38 @@ def test_grad_accumulation_matches_full_batch_for_equal_token_counts():
     _, lb, _ = run_steps(1, spec2, batch=batch)
     assert abs(la[0]["loss/sft"] - lb[0]["loss/sft"]) < 1e-5
     assert abs(la[0]["grad_norm"] - lb[0]["grad_norm"]) < 1e-4 * la[0]["grad_norm"]
+
+
+def test_packed_views_equal_separate_views():
+    """One forward over [GT | response] gives the losses and gradients of the two separate forwards."""
+    spec = full_spec()
+    _, _, parts = build(spec)
+    batch = {k: jax.numpy.asarray(v) for k, v in make_batch(seed=3).items()}
+
+    def loss_and_grad(pack):
+        sp = dataclasses.replace(spec, pack_views=pack)
+
+        def f(p):
+            st = nnx.merge(parts["graphdef"], p, parts["frozen"])
+            te = nnx.merge(parts["teacher_graphdef"], parts["teacher"])
+            return S.compute_loss(st, te, batch, jax.random.key(5), sp)
+
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(parts["params"])
+
+    (l_sep, m_sep), g_sep = loss_and_grad(False)
+    (l_pack, m_pack), g_pack = loss_and_grad(True)
+    assert float(m_pack.pop("data/prompt_not_prefix")) == 0.0
+    assert set(m_sep) == set(m_pack) and len(m_sep) > 8
+    for k in m_sep:
+        np.testing.assert_allclose(float(m_pack[k]), float(m_sep[k]), rtol=2e-5, atol=2e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(g_pack), jax.tree.leaves(g_sep)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_packed_view_reports_prompts_that_are_not_a_prefix():
+    batch = make_batch(seed=4)
+    batch["prompt_ids"][0, -1] += 1  # row 0's prompt no longer matches its conversation
+    ro = R.Rollout(*(np.zeros((B, 5), np.int32) for _ in range(5)), lengths=np.zeros(B, np.int32))
+    ro = ro.replace(mask=np.ones((B, 5), np.float32))
+    bad = S._packed_view({k: jax.numpy.asarray(v) for k, v in batch.items()}, ro)[-1]
+    assert float(bad) == 1 / B

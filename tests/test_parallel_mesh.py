@@ -92,7 +92,7 @@ def test_init_sharded_and_abstract_shardings(mesh):
     np.testing.assert_array_equal(np.asarray(emb2), 2 * np.asarray(emb))
     cache = model.init_cache(4, 8)
     specs = cache_shardings(cache, mesh)
-    assert specs.k.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert specs.k.spec == P(None, ("data", "fsdp"), "tensor", None, None)  # [L, B, K, S, Dh]
 
 
 def test_splash_attention_under_mesh_uses_shard_map(mesh, monkeypatch):

@@ -91,6 +91,8 @@ DESCRIPTIONS = {
         "loss.gamma": "Discount of the long-term return (paper 1.0; MiniLLM code 0.95).",
         "loss.include_current": "False: advantage R_{t+1} (paper); True: R_t (MiniLLM code).",
         "loss.length_norm": "Divide the return by the number of tokens it sums (paper's R^Norm).",
+        "loss.pack_views": "One forward over [GT conversation | sampled response] instead of two (they share "
+        "the prompt); same losses, less work.",
         "loss.whiten": "Whiten advantages over valid tokens (MiniLLM code whitens, pads included).",
         "loss.temperature": "Temperature of both distributions in the KL / PG terms (no τ² factor).",
         "loss.feature_kind": "`cosine` (1 - cos), `mse`, or `mse_std` (MSE after per-token standardising).",

@@ -149,6 +149,7 @@ class StepSpec:
     shared_vision: bool = False
     grad_accum: int = 1
     chunk_size: int = 128  # sequence chunk of the vocabulary-sized losses (only [B, chunk, V] logits live)
+    pack_views: bool = True  # one forward over [GT | response] instead of two (see _packed_view)
     eos_id: int = 2
     pad_id: int = 0
     image_token_id: int = 0
@@ -200,10 +201,54 @@ def spec_from_config(cfg, model_cfg) -> StepSpec:
         shared_vision=cfg.get("shared_vision", False),
         grad_accum=cfg.optim.get("grad_accum", 1),
         chunk_size=lo.get("chunk_size", 128),
+        pack_views=lo.get("pack_views", True),
         eos_id=model_cfg.eos_token_id,
         pad_id=model_cfg.pad_token_id,
         image_token_id=model_cfg.image_token_id,
     )
+
+
+def _packed_view(batch, ro: R.Rollout):
+    """The ground-truth conversation and the sampled response packed into ONE sequence [GT (T) | response (R)].
+
+    The GT view and the response view share their prompt (the rollout's prompt is a prefix of the training
+    ids: the data contract), so instead of two forwards over P + R and T tokens, one forward over T + R does
+    both: response tokens attend to the GT segment's prompt part (key < prompt length) and to earlier
+    response tokens, never to the GT answer; their positions continue from the prompt. Every hidden state is
+    the one the two separate forwards give (up to float rounding).
+
+    -> ids [B, T+R], positions [B, T+R], attn_mask bool [B, T+R, T+R], predict [B, R] (the positions whose
+    hidden states predict the response tokens) and the fraction of rows whose prompt is NOT a prefix of
+    input_ids (should be 0; a metric, since nothing can raise under jit).
+    """
+    ids, amask = batch["input_ids"], batch["attention_mask"].astype(jnp.int32)
+    pids, pmask = batch["prompt_ids"], batch["prompt_mask"].astype(jnp.int32)
+    t = ids.shape[1]
+    r = ro.tokens.shape[1]
+    plen = pmask.sum(1)  # [B]
+    rmask = ro.mask.astype(jnp.int32)
+    gt_pos = jnp.maximum(jnp.cumsum(amask, 1) - 1, 0)
+    resp_pos = plen[:, None] + jnp.maximum(jnp.cumsum(rmask, 1) - 1, 0)
+    idx = jnp.arange(t + r)
+    valid = jnp.concatenate([amask, rmask], 1).astype(bool)
+    causal = idx[None, :] <= idx[:, None]
+    in_resp = idx >= t
+    # a response query must not see the GT keys past the prompt (the GT answer)
+    hidden_answer = (in_resp[:, None] & (idx[None, :] < t))[None] & (
+        idx[None, None, :] >= plen[:, None, None]
+    )
+    mask = valid[:, None, :] & causal[None] & ~hidden_answer
+    j = jnp.arange(r)
+    predict = jnp.where(j[None] == 0, plen[:, None] - 1, t + j[None] - 1)
+    # the prompt (left-padded) must equal input_ids[:plen]
+    p = pids.shape[1]
+    src = jnp.clip(p - plen[:, None] + jnp.arange(p)[None], 0, p - 1)
+    k_valid = jnp.arange(p)[None] < plen[:, None]
+    prompt = jnp.take_along_axis(pids, src, axis=1)
+    gt_head = ids[:, :p] if t >= p else jnp.pad(ids, ((0, 0), (0, p - t)))
+    bad = jnp.any(k_valid & (prompt != gt_head), axis=1).astype(jnp.float32).mean()
+    ids_all = jnp.concatenate([ids, ro.tokens], 1)
+    return ids_all, jnp.concatenate([gt_pos, resp_pos], 1), mask, predict, bad
 
 
 def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepSpec):
@@ -215,6 +260,15 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
         tv = jax.lax.stop_gradient(teacher.vision_features(batch["pixel_values"]))
         sv = tv
     pix = batch.get("pixel_values")
+    gt_terms = [k for k in ("sft", "fkl", "feat_image", "feat_text", "feat_proj") if spec.w(k) > 0]
+    s_layers = (
+        tuple(p[0] for p in spec.feature_layers)
+        if gt_terms and spec.w("feat_image") + spec.w("feat_text")
+        else ()
+    )
+    t_layers = tuple(p[1] for p in spec.feature_layers) if s_layers else ()
+    need_t_gt = teacher is not None and spec.needs_teacher_gt
+    s_gt = t_gt = None  # GT-view outputs, when the packed forward computed them
 
     if spec.needs_rollout:
         frozen = jax.lax.stop_gradient
@@ -232,11 +286,30 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
             teacher_vision_features=tv,
         )
         ro = jax.tree.map(frozen, ro)
-        ids, mask, pos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
-        s_out = model(ids, pix, attention_mask=mask, vision_features=sv, compute_logits=False)
-        t_out = jax.lax.stop_gradient(
-            teacher(ids, pix, attention_mask=mask, vision_features=tv, compute_logits=False)
-        )
+        if gt_terms and spec.pack_views:
+            ids, positions, amask, pos, bad = _packed_view(batch, ro)
+            metrics["data/prompt_not_prefix"] = bad
+            t_len = batch["input_ids"].shape[1]
+            kw = dict(positions=positions, attn_mask=amask, compute_logits=False)
+            s_all = model(ids, pix, vision_features=sv, return_hidden=s_layers, **kw)
+            t_all = jax.lax.stop_gradient(
+                teacher(ids, pix, vision_features=tv, return_hidden=t_layers if need_t_gt else (), **kw)
+            )
+            gather = lambda x: jnp.take_along_axis(x, pos[..., None], axis=1)
+            s_resp, t_resp = gather(s_all.last_hidden), gather(t_all.last_hidden)
+            head = lambda out: out.replace(
+                last_hidden=out.last_hidden[:, :t_len],
+                hidden_states={i: x[:, :t_len] for i, x in out.hidden_states.items()},
+            )
+            s_gt, t_gt = head(s_all), (head(t_all) if need_t_gt else None)
+        else:
+            ids, mask, pos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
+            s_out = model(ids, pix, attention_mask=mask, vision_features=sv, compute_logits=False)
+            t_out = jax.lax.stop_gradient(
+                teacher(ids, pix, attention_mask=mask, vision_features=tv, compute_logits=False)
+            )
+            s_resp = _gather_positions(s_out.last_hidden, pos)
+            t_resp = _gather_positions(t_out.last_hidden, pos)
         rmask = ro.mask
         rewards = (ro.teacher_logprobs - ro.student_logprobs) * rmask
         adv = jax.lax.stop_gradient(
@@ -259,8 +332,8 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
             )
 
         terms, _ = L.chunked_token_loss(
-            _gather_positions(s_out.last_hidden, pos),
-            _gather_positions(t_out.last_hidden, pos),
+            s_resp,
+            t_resp,
             model.logits,
             teacher.logits,
             rmask,
@@ -281,34 +354,37 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
         metrics["rollout/iw_max"] = jnp.max(jnp.where(rmask > 0, ro.weights, -jnp.inf))
         metrics["rollout/iw_min"] = jnp.min(jnp.where(rmask > 0, ro.weights, jnp.inf))
 
-    gt_terms = [k for k in ("sft", "fkl", "feat_image", "feat_text", "feat_proj") if spec.w(k) > 0]
     if gt_terms:
         ids, amask, lmask = (
             batch["input_ids"],
             batch["attention_mask"],
             batch["loss_mask"].astype(jnp.float32),
         )
-        s_layers = (
-            tuple(p[0] for p in spec.feature_layers) if spec.w("feat_image") + spec.w("feat_text") else ()
-        )
-        t_layers = tuple(p[1] for p in spec.feature_layers) if s_layers else ()
-        s_out = model(
-            ids, pix, attention_mask=amask, vision_features=sv, compute_logits=False, return_hidden=s_layers
-        )
+        if s_gt is not None:  # computed by the packed forward above
+            s_out, t_out = s_gt, t_gt
+        else:
+            s_out = model(
+                ids,
+                pix,
+                attention_mask=amask,
+                vision_features=sv,
+                compute_logits=False,
+                return_hidden=s_layers,
+            )
+            t_out = None
+            if need_t_gt:
+                t_out = jax.lax.stop_gradient(
+                    teacher(
+                        ids,
+                        pix,
+                        attention_mask=amask,
+                        vision_features=tv,
+                        compute_logits=False,
+                        return_hidden=t_layers,
+                    )
+                )
         pred_mask = _answer_positions(lmask)  # positions whose logits predict an answer token
         targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-        t_out = None
-        if teacher is not None and spec.needs_teacher_gt:
-            t_out = jax.lax.stop_gradient(
-                teacher(
-                    ids,
-                    pix,
-                    attention_mask=amask,
-                    vision_features=tv,
-                    compute_logits=False,
-                    return_hidden=t_layers,
-                )
-            )
         tau = spec.temperature
         use_fkl = spec.w("fkl") > 0 and t_out is not None
 

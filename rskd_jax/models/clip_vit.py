@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from rskd_jax.models.layers import (
     LayerNorm,
     Linear,
-    attention,
+    attention_heads,
     constrain,
     make_param,
     normal,
@@ -55,14 +55,13 @@ class ClipLayer(nnx.Module):
         self.num_heads, self.act, self.attention_impl = cfg.num_heads, cfg.hidden_act, attention_impl
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        b, n, d = h.shape
         x = self.ln1(h)
-        split = lambda y: constrain(
-            y.reshape(b, n, self.num_heads, -1), ("batch", "seq", "heads", "head_dim")
+        split = lambda lin: constrain(
+            lin.split_heads(x, self.num_heads), ("batch", "heads", "seq", "head_dim")
         )
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        o = attention(q, k, v, None, self.attention_impl).reshape(b, n, d)
-        h = h + checkpoint_name(self.out_proj(o), "attn_out")
+        q, k, v = split(self.q_proj), split(self.k_proj), split(self.v_proj)
+        o = attention_heads(q, k, v, None, self.attention_impl)
+        h = h + checkpoint_name(self.out_proj.merge_heads(o), "attn_out")
         x = constrain(ACTS[self.act](self.fc1(self.ln2(h))), ("batch", "seq", "mlp"))
         h = h + checkpoint_name(self.fc2(x), "mlp_out")
         return constrain(h, ("batch", "seq", "embed"))

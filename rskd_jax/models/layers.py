@@ -58,16 +58,56 @@ class Linear(nnx.Module):
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
 
+    def _lora_input(self, x, dropout_rng):
+        h = x
+        if dropout_rng is not None and self.lora_dropout > 0:
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+        return h
+
+    def split_heads(self, x: jax.Array, num_heads: int, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """x [B, T, in] -> [B, num_heads, T, out // num_heads]: the projection written straight into the
+        head-major layout attention wants (one dot, no transpose of the result on CPU/GPU)."""
+        if x.shape[1] == 1:  # one token (decode): the plain dot; moving a size-1 axis is free
+            b = x.shape[0]
+            return self(x, dropout_rng).reshape(b, 1, num_heads, -1).swapaxes(1, 2)
+        x = x.astype(self.dtype)
+        w = self.kernel[...].astype(self.dtype)
+        w = w.reshape(w.shape[0], num_heads, -1)
+        y = jnp.einsum("btm,mhd->bhtd", x, w)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype).reshape(num_heads, 1, -1)
+        if self.lora_a is not None:
+            a = jnp.dot(self._lora_input(x, dropout_rng), self.lora_a[...].astype(self.dtype))
+            lb = self.lora_b[...].astype(self.dtype)
+            delta = jnp.einsum("btr,rhd->bhtd", a, lb.reshape(lb.shape[0], num_heads, -1))
+            y = y + (delta * self.lora_scale).astype(self.dtype)
+        return y
+
+    def merge_heads(self, o: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """o [B, H, T, Dh] -> [B, T, out]: the output projection read straight from the head-major layout."""
+        if o.shape[2] == 1:  # one token (decode): a free reshape, then the plain dot
+            return self(o.swapaxes(1, 2).reshape(o.shape[0], 1, -1), dropout_rng)
+        o = o.astype(self.dtype)
+        h, dh = o.shape[1], o.shape[3]
+        w = self.kernel[...].astype(self.dtype)
+        y = jnp.einsum("bhtd,hdm->btm", o, w.reshape(h, dh, w.shape[-1]))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            la = self.lora_a[...].astype(self.dtype)
+            a = jnp.einsum("bhtd,hdr->btr", self._lora_input(o, dropout_rng), la.reshape(h, dh, -1))
+            delta = jnp.dot(a, self.lora_b[...].astype(self.dtype))
+            y = y + (delta * self.lora_scale).astype(self.dtype)
+        return y
+
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
         y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
-            h = x
-            if dropout_rng is not None and self.lora_dropout > 0:
-                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, h.shape)
-                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+            h = self._lora_input(x, dropout_rng)
             h = jnp.dot(jnp.dot(h, self.lora_a[...].astype(self.dtype)), self.lora_b[...].astype(self.dtype))
             y = y + (h * self.lora_scale).astype(self.dtype)
         return y
@@ -102,12 +142,14 @@ class RMSNorm(nnx.Module):
         return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, HF half-split ("rotate_half") layout. x [B, T, H, D], positions [B, T]."""
+def rope(x: jax.Array, positions: jax.Array, theta: float, *, heads_first: bool = False) -> jax.Array:
+    """Rotary embedding, HF half-split ("rotate_half") layout. x [B, T, H, D] (or [B, H, T, D] with
+    `heads_first`), positions [B, T]."""
     d = x.shape[-1]
     inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
+    emb = jnp.concatenate([freqs, freqs], -1)
+    emb = emb[:, None, :, :] if heads_first else emb[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + jnp.concatenate([-x2, x1], -1) * sin
@@ -118,24 +160,38 @@ def attention(
 ) -> jax.Array:
     """Softmax attention with grouped KV heads. q [B,T,H,D], k/v [B,S,K,D], mask bool [B,T,S] (True=attend).
 
-    impl 'xla': two einsums + fp32 softmax (XLA fuses the mask/softmax); fully masked rows (pad queries)
-    give a uniform average instead of NaN. 'cudnn': jax.nn.dot_product_attention(implementation='cudnn'),
-    GPU and bf16/fp16 only. 'splash': the TPU Pallas kernel (TPU only).
+    The sequence-major wrapper of `attention_heads` (the models call that one directly).
+    """
+    t = lambda x: x.swapaxes(1, 2)
+    return t(attention_heads(t(q), t(k), t(v), mask, impl))
+
+
+def attention_heads(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, impl: str = "xla"
+) -> jax.Array:
+    """Softmax attention with grouped KV heads in the head-major layout: q [B,H,T,D], k/v [B,K,S,D],
+    mask bool [B,T,S] (True = attend) -> [B,H,T,D]. Query head h reads KV head h // (H // K) (HF repeat_kv).
+
+    impl 'xla': two batched dots + fp32 softmax (XLA fuses the mask/softmax); the operands already have
+    their batch dims (B, K) leading, so no transposes are needed. Fully masked rows (pad queries) give a
+    uniform average instead of NaN. 'cudnn': jax.nn.dot_product_attention(implementation='cudnn'), GPU and
+    bf16/fp16 only. 'splash': the TPU Pallas kernel (TPU only).
     """
     if impl == "cudnn":
-        return _cudnn_attention(q, k, v, mask)
+        t = lambda x: x.swapaxes(1, 2)
+        return t(_cudnn_attention(t(q), t(k), t(v), mask))
     if impl == "splash":
         return _splash_attention(q, k, v, mask)
     if impl != "xla":
         raise ValueError(f"attention_impl={impl!r}; expected 'xla', 'cudnn' or 'splash'")
-    b, t, h, d = q.shape
-    kh = k.shape[2]
-    q = q.reshape(b, t, kh, h // kh, d) * jnp.asarray(d**-0.5, q.dtype)
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    b, h, t, d = q.shape
+    kh = k.shape[1]
+    q = q.reshape(b, kh, h // kh, t, d) * jnp.asarray(d**-0.5, q.dtype)
+    s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     if mask is not None:
         s = jnp.where(mask[:, None, None], s, NEG_INF)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h, d)
+    return jnp.einsum("bkgts,bksd->bkgtd", p, v).reshape(b, h, t, d)
 
 
 def _cudnn_attention(q, k, v, mask):
@@ -167,16 +223,16 @@ def _splash_attention(q, k, v, mask):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    b, t, h, d = q.shape
-    if k.shape[1] != t:
+    b, h, t, d = q.shape
+    if k.shape[2] != t:
         raise NotImplementedError("splash attention is for self-attention without a KV cache")
     causal = mask is not None
     # Without a cache the mask is key_valid & causal, so its last query row is the key validity.
     seg = mask[:, -1, :].astype(jnp.int32) if causal else jnp.ones((b, t), jnp.int32)
     pad = -t % SPLASH_BLOCK
-    rep = h // k.shape[2]
-    k, v = (jnp.repeat(x, rep, axis=2) if rep > 1 else x for x in (k, v))
-    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).swapaxes(1, 2) for x in (q * d**-0.5, k, v))
+    rep = h // k.shape[1]
+    k, v = (jnp.repeat(x, rep, axis=1) if rep > 1 else x for x in (k, v))
+    q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (q * d**-0.5, k, v))
     seg = jnp.pad(seg, ((0, 0), (0, pad)))
     n = t + pad
     blocks = sk.BlockSizes(
@@ -208,7 +264,7 @@ def _splash_attention(q, k, v, mask):
         spec = logical_to_spec(("batch", "heads", "seq", "head_dim"), q.shape, mesh)
         seg_spec = jax.sharding.PartitionSpec(spec[0], None)
         run = jax.shard_map(run, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)
-    return run(q, k, v, seg).swapaxes(1, 2)[:, :t]
+    return run(q, k, v, seg)[:, :, :t]
 
 
 def remat(fn: Callable, policy: str, *, prevent_cse: bool = True) -> Callable:
@@ -265,6 +321,7 @@ __all__ = [
     "RMSNorm",
     "rope",
     "attention",
+    "attention_heads",
     "remat",
     "stacked",
     "run_layers",

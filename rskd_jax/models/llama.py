@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rskd_jax.models.layers import (
     Linear,
     RMSNorm,
-    attention,
+    attention_heads,
     constrain,
     make_param,
     normal,
@@ -40,18 +40,18 @@ from rskd_jax.parallel.rules import logical_to_spec
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, Dh]
-    v: jax.Array  # [L, B, S, K, Dh]
+    k: jax.Array  # [L, B, K, S, Dh] (head-major: the attention's layout)
+    v: jax.Array  # [L, B, K, S, Dh]
     valid: jax.Array  # [B, S] bool: slot holds a real (unpadded) token
     index: jax.Array  # int32 scalar: next slot to write
     next_pos: jax.Array  # [B] int32: position id of each row's next real token
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 
 
 class LlamaLayer(nnx.Module):
@@ -69,29 +69,34 @@ class LlamaLayer(nnx.Module):
         self.down_proj = Linear(m, d, ("mlp", "embed"), **kw)
         self.cfg, self.attention_impl = cfg, attention_impl
 
-    def __call__(self, h, positions, mask, kv=None, rng=None):
-        """h [B,T,D]; mask [B,T,S] bool; kv = (k_all, v_all, layer, slot): write/read the stacked cache."""
+    def __call__(self, h, positions, mask, kv=None, rng=None, custom_mask: bool = False):
+        """h [B,T,D]; mask [B,T,S] bool; kv = (k_all, v_all, layer, slot): write/read the stacked cache.
+        custom_mask: `mask` is not key-padding & causal (packed views)."""
         cfg = self.cfg
-        b, t, _ = h.shape
         rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
         x = self.input_norm(h)
-        heads = lambda y, n: constrain(
-            y.reshape(b, t, n, cfg.head_dim), ("batch", "seq", "heads", "head_dim")
-        )
-        q = rope(heads(self.q_proj(x, rngs[0]), cfg.num_heads), positions, cfg.rope_theta)
-        k = rope(heads(self.k_proj(x, rngs[1]), cfg.num_kv_heads), positions, cfg.rope_theta)
-        v = heads(self.v_proj(x, rngs[2]), cfg.num_kv_heads)
+        # Head-major [B, H, T, Dh] throughout: the projections write it, the KV cache stores it and the
+        # attention dots read it without transposes.
+        heads = lambda lin, n, r: constrain(lin.split_heads(x, n, r), ("batch", "heads", "seq", "head_dim"))
+        q = rope(heads(self.q_proj, cfg.num_heads, rngs[0]), positions, cfg.rope_theta, heads_first=True)
+        k = rope(heads(self.k_proj, cfg.num_kv_heads, rngs[1]), positions, cfg.rope_theta, heads_first=True)
+        v = heads(self.v_proj, cfg.num_kv_heads, rngs[2])
         if kv is not None:
             k_all, v_all, i, slot = kv
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, slot, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, slot, 0, 0))
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, 0, slot, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, 0, slot, 0))
             k = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(q.dtype)
             v = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(q.dtype)
             kv = (k_all, v_all)
-        # Calls with a KV cache (rollout prefill/decode) attend over cache slots: always the XLA path.
-        impl = self.attention_impl if kv is None else "xla"
-        o = attention(q, k, v, mask, impl).reshape(b, t, -1)
-        h = h + checkpoint_name(self.o_proj(o, rngs[3]), "attn_out")
+        # Calls with a KV cache (rollout prefill/decode) or a custom mask (packed views) use the XLA path
+        # under 'splash' (its kernel is built for causal + key padding only).
+        impl = self.attention_impl
+        if impl == "splash" and (kv is not None or custom_mask):
+            impl = "xla"
+        elif kv is not None:
+            impl = "xla"
+        o = attention_heads(q, k, v, mask, impl)
+        h = h + checkpoint_name(self.o_proj.merge_heads(o, rngs[3]), "attn_out")
         x = self.post_norm(h)
         x = constrain(
             jax.nn.silu(self.gate_proj(x, rngs[4])) * self.up_proj(x, rngs[5]), ("batch", "seq", "mlp")
@@ -149,7 +154,7 @@ class LlamaModel(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         cfg = self.cfg
-        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         dtype = self.dtype if dtype is None else dtype
         return KVCache(
             k=constrain(jnp.zeros(shape, dtype), CACHE_AXES),
@@ -168,11 +173,14 @@ class LlamaModel(nnx.Module):
         return_hidden: Sequence[int] = (),
         *,
         dropout_rng: jax.Array | None = None,
+        attn_mask: jax.Array | None = None,
     ):
         """-> (last_hidden [B,T,D] after the final norm, {index: hidden}, updated cache or None).
 
         return_hidden: HF hidden-state indices (0 = embeddings, i = after layer i, num_layers = after the
         final norm); negative indices count from num_layers + 1. Only those are collected (also under scan).
+        attn_mask: bool [B, T, T] (True = query t attends key s) replacing key-padding & causal, e.g. to pack
+        two continuations of one prompt into one sequence; needs explicit `positions` and no cache.
         """
         cfg = self.cfg
         n = cfg.num_layers
@@ -181,13 +189,21 @@ class LlamaModel(nnx.Module):
         offset = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_pos
         if positions is None:
             positions = offset[:, None] + jnp.maximum(jnp.cumsum(mask, 1, dtype=jnp.int32) - 1, 0)
-        if cache is None:
-            key_valid, q_slot = mask, jnp.arange(t)
+        custom = attn_mask is not None
+        if custom:
+            if cache is not None or positions is None:
+                raise ValueError("attn_mask needs explicit positions and no KV cache")
+            if attn_mask.shape != (b, t, t):
+                raise ValueError(f"attn_mask shape {attn_mask.shape}; expected {(b, t, t)}")
+            attn_mask = attn_mask.astype(bool)
+        elif cache is None:
+            key_valid = mask
+            attn_mask = key_valid[:, None, :] & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]
         else:
             key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
             q_slot = cache.index + jnp.arange(t)
-        causal = jnp.arange(key_valid.shape[1])[None, :] <= q_slot[:, None]
-        attn_mask = key_valid[:, None, :] & causal[None]
+            causal = jnp.arange(key_valid.shape[1])[None, :] <= q_slot[:, None]
+            attn_mask = key_valid[:, None, :] & causal[None]
 
         wanted = sorted({_norm_index(i, n) for i in return_hidden})
         mid = [i for i in wanted if 0 < i < n]
@@ -200,7 +216,7 @@ class LlamaModel(nnx.Module):
             h, buf, kv = carry
             i, slot = x
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            h, kv = layer(h, positions, attn_mask, None if kv is None else (*kv, i, cache.index), rng)
+            h, kv = layer(h, positions, attn_mask, None if kv is None else (*kv, i, cache.index), rng, custom)
             if buf is not None:
                 s = jnp.maximum(slot, 0)
                 buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(slot >= 0, h, buf[s]), s, 0)

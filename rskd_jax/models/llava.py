@@ -86,8 +86,9 @@ class LlavaModel(nnx.Module):
         return_hidden: Sequence[int] = (),
         compute_logits: bool = True,
         dropout_rng: jax.Array | None = None,
+        attn_mask: jax.Array | None = None,
     ) -> LlavaOutput:
-        """See the module docstring and LlamaModel.__call__ (mask, positions, cache, return_hidden).
+        """See the module docstring and LlamaModel.__call__ (mask, positions, cache, return_hidden, attn_mask).
 
         logits_at: int [B, K] positions -> logits [B, K, V] there only. dropout_rng: enables LoRA dropout.
         """
@@ -108,7 +109,7 @@ class LlavaModel(nnx.Module):
             spliced = jnp.take_along_axis(feats, idx[..., None], axis=1).astype(emb.dtype)
             emb = jnp.where(is_img[..., None], spliced, emb)
         last, hidden, cache = self.llm(
-            emb, attention_mask, positions, cache, return_hidden, dropout_rng=dropout_rng
+            emb, attention_mask, positions, cache, return_hidden, dropout_rng=dropout_rng, attn_mask=attn_mask
         )
         logits = None
         if compute_logits:
