@@ -119,7 +119,10 @@ def make_dataset(
 
 
 def make_iterator(
-    dataset: grain.IterDataset, num_workers: int = 0, per_worker_buffer_size: int = 2, own_memory: bool = False
+    dataset: grain.IterDataset,
+    num_workers: int = 0,
+    per_worker_buffer_size: int = 2,
+    own_memory: bool = False,
 ):
     """Iterator over `dataset` with `num_workers` worker processes (0 = in this process); its `get_state()`
     is what checkpoints store. Close it (`it.close()`) when done.
