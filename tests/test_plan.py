@@ -86,7 +86,8 @@ def decoder_fwd(t, queries, keys):
 
 def tiny_step_flops(c, batch):
     """configs/distill.py:tiny: trainable 'all', no remat, each model runs its own CLIP tower in every call
-    with pixels, loss terms rkl, pg, sft, fkl, feat_image/feat_text on one layer pair (no feat_proj)."""
+    with pixels, loss terms rkl, pg, sft, fkl, feat_image/feat_text on one layer pair (no feat_proj); the
+    response and ground-truth views packed into one sequence (loss.pack_views)."""
     v, image, vocab = dict(c.teacher.vision), c.data.image_size, c.data.vocab_size
     s, t = dict(c.student.text), dict(c.teacher.text)
     n_img = (image // v["patch_size"]) ** 2
@@ -110,12 +111,10 @@ def tiny_step_flops(c, batch):
         + frozen(t, p, p + r, True)
         + head(t, 1)  # prefill
         + r * (frozen(s, 1, p + r, False) + head(s, 1) + frozen(t, 1, p + r, False) + head(t, 1))  # decode
-        + student_grad(p + r)
-        + frozen(t, p + r, p + r, True)  # forwards over prompt + response
+        + student_grad(n + r)
+        + frozen(t, n + r, n + r, True)  # one forward over [ground truth | response] (packed views)
         + 4 * head(s, pad(r))
         + 2 * head(t, pad(r))  # student fwd + recompute + dX + dW; teacher x2
-        + student_grad(n)
-        + frozen(t, n, n, True)  # forwards over the ground truth
         + 4 * head(s, pad(n))
         + 2 * head(t, pad(n))
         + 3 * mm(n, s["hidden_size"], t["hidden_size"])  # the trained feature map
@@ -170,10 +169,9 @@ def test_flops_remat_and_lora():
     base = P.step_flops(config, s_cfg, t_cfg, spec, all_paths, 8)["total"]
     full = P.step_flops(config, s_cfg.replace(remat_policy="full"), t_cfg, spec, all_paths, 8)["total"]
     s, c, r = dict(config.student.text), config.data, config.sampling.max_new_tokens
-    ro, gt = c.prompt_len + r, c.seq_len
-    dense_ro, attn_ro = decoder_fwd(s, ro, ro)
-    dense_gt, attn_gt = decoder_fwd(s, gt, gt)
-    assert full - base == 8 * (dense_ro + attn_ro + dense_gt + attn_gt)
+    pk = c.seq_len + r  # the packed [ground truth | response] sequence
+    dense_pk, attn_pk = decoder_fwd(s, pk, pk)
+    assert full - base == 8 * (dense_pk + attn_pk)
 
     lora = P.step_flops(config, s_cfg, t_cfg, spec, ["model/llm/layers/q_proj/lora_a"], 8)["total"]
     d, i, rank = s["hidden_size"], s["intermediate_size"], config.lora.rank
@@ -186,13 +184,19 @@ def test_flops_remat_and_lora():
     head = lambda k: mm(k, d, c.vocab_size)
     # no dW for the decoder, the head (ground truth padded to 256) and the projector
     delta = (
-        -(dense_ro + dense_gt)
-        - head(r)
-        - head(256)
-        - 2 * proj
-        + per_token * (c.prompt_len + r + 3 * ro + 3 * gt)
-    )  # adapters: prefill, decode, 2 grad passes
+        -dense_pk - head(r) - head(256) - proj + per_token * (c.prompt_len + r + 3 * pk)
+    )  # adapters: prefill, decode, 2 grad passes; one projector dW (one packed forward)
     assert lora - base == 8 * delta
+
+    # with loss.pack_views=False: the two views as separate forwards
+    config.loss.pack_views = False
+    spec2 = S.spec_from_config(config, s_cfg)
+    base2 = P.step_flops(config, s_cfg, t_cfg, spec2, all_paths, 8)["total"]
+    full2 = P.step_flops(config, s_cfg.replace(remat_policy="full"), t_cfg, spec2, all_paths, 8)["total"]
+    ro, gt = c.prompt_len + r, c.seq_len
+    dense_ro, attn_ro = decoder_fwd(s, ro, ro)
+    dense_gt, attn_gt = decoder_fwd(s, gt, gt)
+    assert full2 - base2 == 8 * (dense_ro + attn_ro + dense_gt + attn_gt)
 
 
 def test_settings_precedence_and_topologies():

@@ -145,12 +145,22 @@ class RMSNorm(nnx.Module):
 def rope(x: jax.Array, positions: jax.Array, theta: float, *, heads_first: bool = False) -> jax.Array:
     """Rotary embedding, HF half-split ("rotate_half") layout. x [B, T, H, D] (or [B, H, T, D] with
     `heads_first`), positions [B, T]."""
-    d = x.shape[-1]
+    cos, sin = rope_tables(positions, x.shape[-1], theta, x.dtype, heads_first=heads_first)
+    return apply_rope(x, cos, sin)
+
+
+def rope_tables(positions: jax.Array, d: int, theta: float, dtype, *, heads_first: bool = False):
+    """(cos, sin) of the rotary angles, [B, 1, T, D] (heads_first) or [B, T, 1, D]; computed once per
+    forward and shared by every layer."""
     inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     emb = jnp.concatenate([freqs, freqs], -1)
     emb = emb[:, None, :, :] if heads_first else emb[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    d = x.shape[-1]
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
@@ -320,6 +330,8 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "rope",
+    "rope_tables",
+    "apply_rope",
     "attention",
     "attention_heads",
     "remat",

@@ -26,11 +26,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rskd_jax.models.layers import (
     Linear,
     RMSNorm,
+    apply_rope,
     attention_heads,
     constrain,
     make_param,
     normal,
-    rope,
+    rope_tables,
     run_layers,
     stacked,
 )
@@ -69,8 +70,9 @@ class LlamaLayer(nnx.Module):
         self.down_proj = Linear(m, d, ("mlp", "embed"), **kw)
         self.cfg, self.attention_impl = cfg, attention_impl
 
-    def __call__(self, h, positions, mask, kv=None, rng=None, custom_mask: bool = False):
-        """h [B,T,D]; mask [B,T,S] bool; kv = (k_all, v_all, layer, slot): write/read the stacked cache.
+    def __call__(self, h, rope_cs, mask, kv=None, rng=None, custom_mask: bool = False):
+        """h [B,T,D]; rope_cs = (cos, sin) [B,1,T,Dh] (layers.rope_tables); mask [B,T,S] bool;
+        kv = (k_all, v_all, layer, slot): write/read the stacked cache.
         custom_mask: `mask` is not key-padding & causal (packed views)."""
         cfg = self.cfg
         rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
@@ -78,8 +80,8 @@ class LlamaLayer(nnx.Module):
         # Head-major [B, H, T, Dh] throughout: the projections write it, the KV cache stores it and the
         # attention dots read it without transposes.
         heads = lambda lin, n, r: constrain(lin.split_heads(x, n, r), ("batch", "heads", "seq", "head_dim"))
-        q = rope(heads(self.q_proj, cfg.num_heads, rngs[0]), positions, cfg.rope_theta, heads_first=True)
-        k = rope(heads(self.k_proj, cfg.num_kv_heads, rngs[1]), positions, cfg.rope_theta, heads_first=True)
+        q = apply_rope(heads(self.q_proj, cfg.num_heads, rngs[0]), *rope_cs)
+        k = apply_rope(heads(self.k_proj, cfg.num_kv_heads, rngs[1]), *rope_cs)
         v = heads(self.v_proj, cfg.num_kv_heads, rngs[2])
         if kv is not None:
             k_all, v_all, i, slot = kv
@@ -209,6 +211,7 @@ class LlamaModel(nnx.Module):
         mid = [i for i in wanted if 0 < i < n]
         slot_of = jnp.array([mid.index(i + 1) if i + 1 in mid else -1 for i in range(n)], jnp.int32)
         h = inputs_embeds.astype(self.dtype)
+        rope_cs = rope_tables(positions, cfg.head_dim, cfg.rope_theta, self.dtype, heads_first=True)
         buf = jnp.zeros((len(mid),) + h.shape, h.dtype) if mid else None
         kv = None if cache is None else (cache.k, cache.v)
 
@@ -216,7 +219,7 @@ class LlamaModel(nnx.Module):
             h, buf, kv = carry
             i, slot = x
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            h, kv = layer(h, positions, attn_mask, None if kv is None else (*kv, i, cache.index), rng, custom)
+            h, kv = layer(h, rope_cs, attn_mask, None if kv is None else (*kv, i, cache.index), rng, custom)
             if buf is not None:
                 s = jnp.maximum(slot, 0)
                 buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(slot >= 0, h, buf[s]), s, 0)

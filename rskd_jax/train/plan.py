@@ -428,6 +428,8 @@ def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | No
         return -(-n // c) * c
 
     parts = {}
+    gt_terms = any(spec.w(k) > 0 for k in ("sft", "fkl", "feat_image", "feat_text", "feat_proj"))
+    packed = spec.needs_rollout and gt_terms and spec.pack_views  # one forward over [GT | response]
     if shared:
         parts["vision (shared teacher tower)"] = vision(t_cfg)
     if spec.needs_rollout:
@@ -444,16 +446,22 @@ def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | No
             + frozen_fwd(t_cfg, 1, p + r, False)
             + head(t_cfg, 1)
         )
-        parts["student fwd+bwd (prompt+response)"] = student_grad(p + r)
-        parts["teacher fwd (prompt+response)"] = frozen_fwd(t_cfg, p + r, p + r, True)
+        if packed:
+            n = int(d.seq_len)
+            parts["student fwd+bwd (packed ground truth + response)"] = student_grad(n + r)
+            parts["teacher fwd (packed ground truth + response)"] = frozen_fwd(t_cfg, n + r, n + r, True)
+        else:
+            parts["student fwd+bwd (prompt+response)"] = student_grad(p + r)
+            parts["teacher fwd (prompt+response)"] = frozen_fwd(t_cfg, p + r, p + r, True)
         parts["heads (response chunks)"] = (
             head(s_cfg, padded(r)) * (3 + tr["head"]) + head(t_cfg, padded(r)) * 2
         )
-    if any(spec.w(k) > 0 for k in ("sft", "fkl", "feat_image", "feat_text", "feat_proj")):
+    if gt_terms:
         n = int(d.seq_len)
-        parts["student fwd+bwd (ground truth)"] = student_grad(n)
-        if spec.needs_teacher_gt:
-            parts["teacher fwd (ground truth)"] = frozen_fwd(t_cfg, n, n, True)
+        if not packed:
+            parts["student fwd+bwd (ground truth)"] = student_grad(n)
+            if spec.needs_teacher_gt:
+                parts["teacher fwd (ground truth)"] = frozen_fwd(t_cfg, n, n, True)
         fkl = spec.w("fkl") > 0
         if spec.w("sft") > 0 or fkl:
             parts["heads (ground-truth chunks)"] = (
