@@ -5,7 +5,7 @@ resize, centre crop, CLIP normalisation; `rskd_jax.data.transforms`) at 224 and 
 processes, batch 32. Reported, as medians of alternating runs: steady-state images/s (after the first
 batch, i.e. excluding worker start-up), the start-up time, and the ratio Grain / torch.
 
-    RSKD_SHARED_DATA=../shared/data python bench/input.py [--quick] [--out bench/input.json]
+    RSKD_SHARED_DATA=../shared/data python bench/input.py [--quick] [--out bench/results/input.json]
 """
 
 from __future__ import annotations
