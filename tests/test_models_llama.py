@@ -122,3 +122,33 @@ def test_remat_policies_same_loss_and_grads(hf_llama):
             else jnp.stack([grads["layers"][i]["q_proj"]["kernel"][...] for i in range(CFG.num_layers)])
         )
         assert_close(g, ref_grads["layers"]["q_proj"]["kernel"][...], tol=1e-5, what=f"{policy} grads")
+
+
+def test_custom_attn_mask_packs_two_continuations_like_two_hf_forwards(hf_llama):
+    """One forward over [prompt + answer A | continuation B] with a mask that hides A from B gives, for
+    B's tokens, transformers' logits of prompt + B (and, for the first segment, those of prompt + A)."""
+    rng = np.random.default_rng(3)
+    p, a, r = 7, 5, 4
+    prompt = rng.integers(3, CFG.vocab_size, (2, p))
+    ans, cont = rng.integers(3, CFG.vocab_size, (2, a)), rng.integers(3, CFG.vocab_size, (2, r))
+    seg1 = np.concatenate([prompt, ans], 1)
+    ids = np.concatenate([seg1, cont], 1)
+    t = p + a
+    idx = np.arange(t + r)
+    causal = idx[None, :] <= idx[:, None]
+    hide_answer = (idx[:, None] >= t) & (idx[None, :] >= p) & (idx[None, :] < t)
+    mask = np.broadcast_to(causal & ~hide_answer, (2, t + r, t + r))
+    pos = np.concatenate([np.arange(t), p + np.arange(r)])[None].repeat(2, 0)
+    model = ours(hf_llama)
+    f = nnx.jit(lambda m, i, pp, mm: m.logits(m(m.embed(i), positions=pp, attn_mask=mm)[0]))
+    logits = np.asarray(f(model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask)))
+    ones = lambda x: np.ones(x.shape, np.int64)
+    ref1 = hf_forward(hf_llama, seg1, ones(seg1)).logits.numpy()
+    two = np.concatenate([prompt, cont], 1)
+    ref2 = hf_forward(hf_llama, two, ones(two)).logits.numpy()
+    assert_close(logits[:, :t], ref1, tol=1e-4, what="first segment")
+    assert_close(logits[:, t:], ref2[:, p:], tol=1e-4, what="packed continuation")
+    with pytest.raises(ValueError, match="explicit positions"):
+        model(model.embed(jnp.asarray(ids)), attn_mask=jnp.asarray(mask))
+    with pytest.raises(ValueError, match="attn_mask shape"):
+        model(model.embed(jnp.asarray(ids)), positions=jnp.asarray(pos), attn_mask=jnp.asarray(mask[:, :3]))

@@ -189,12 +189,12 @@ class LlamaModel(nnx.Module):
         b, t, _ = inputs_embeds.shape
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         offset = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_pos
+        custom = attn_mask is not None
+        if custom and (cache is not None or positions is None):
+            raise ValueError("attn_mask needs explicit positions and no KV cache")
         if positions is None:
             positions = offset[:, None] + jnp.maximum(jnp.cumsum(mask, 1, dtype=jnp.int32) - 1, 0)
-        custom = attn_mask is not None
         if custom:
-            if cache is not None or positions is None:
-                raise ValueError("attn_mask needs explicit positions and no KV cache")
             if attn_mask.shape != (b, t, t):
                 raise ValueError(f"attn_mask shape {attn_mask.shape}; expected {(b, t, t)}")
             attn_mask = attn_mask.astype(bool)
