@@ -20,6 +20,7 @@ Per step, for each micro-batch (gradient accumulation is a `lax.scan` over micro
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 import flax
@@ -292,16 +293,23 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
             t_len = batch["input_ids"].shape[1]
             kw = dict(positions=positions, attn_mask=amask, compute_logits=False)
             s_all = model(ids, pix, vision_features=sv, return_hidden=s_layers, **kw)
-            t_all = jax.lax.stop_gradient(
-                teacher(ids, pix, vision_features=tv, return_hidden=t_layers if need_t_gt else (), **kw)
-            )
             gather = lambda x: jnp.take_along_axis(x, pos[..., None], axis=1)
-            s_resp, t_resp = gather(s_all.last_hidden), gather(t_all.last_hidden)
             head = lambda out: out.replace(
                 last_hidden=out.last_hidden[:, :t_len],
                 hidden_states={i: x[:, :t_len] for i, x in out.hidden_states.items()},
             )
-            s_gt, t_gt = head(s_all), (head(t_all) if need_t_gt else None)
+            s_resp, s_gt = gather(s_all.last_hidden), head(s_all)
+            if need_t_gt:  # the teacher packed as well
+                t_all = jax.lax.stop_gradient(
+                    teacher(ids, pix, vision_features=tv, return_hidden=t_layers, **kw)
+                )
+                t_resp, t_gt = gather(t_all.last_hidden), head(t_all)
+            else:  # the teacher is only needed on the response view
+                rids, rmask, rpos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
+                t_out = jax.lax.stop_gradient(
+                    teacher(rids, pix, attention_mask=rmask, vision_features=tv, compute_logits=False)
+                )
+                t_resp = _gather_positions(t_out.last_hidden, rpos)
         else:
             ids, mask, pos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
             s_out = model(ids, pix, attention_mask=mask, vision_features=sv, compute_logits=False)
@@ -549,6 +557,15 @@ def make_distill_step(config, mesh, student, teacher, *, maps=None, donate: bool
     `student` is the student LlavaModel, `teacher` the frozen teacher; `maps` the feature maps (default: built from
     the config's feature layers when the widths differ)."""
     spec = spec_from_config(config, student.cfg)
+    splash = [
+        m for m, c in (("student", student.cfg), ("teacher", teacher.cfg)) if c.attention_impl == "splash"
+    ]
+    if spec.pack_views and spec.needs_rollout and splash:
+        logging.warning(
+            "loss.pack_views=True: the packed forward of the %s runs XLA attention, not the splash kernel "
+            "(its mask is per-row); set loss.pack_views=False to keep splash for two separate forwards",
+            " and ".join(splash),
+        )
     if maps is None:
         maps = maps_for_spec(spec, student.cfg, teacher.cfg, nnx.Rngs(config.seed + 7))
     return make_train_step(

@@ -449,7 +449,10 @@ def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | No
         if packed:
             n = int(d.seq_len)
             parts["student fwd+bwd (packed ground truth + response)"] = student_grad(n + r)
-            parts["teacher fwd (packed ground truth + response)"] = frozen_fwd(t_cfg, n + r, n + r, True)
+            if spec.needs_teacher_gt:
+                parts["teacher fwd (packed ground truth + response)"] = frozen_fwd(t_cfg, n + r, n + r, True)
+            else:
+                parts["teacher fwd (prompt+response)"] = frozen_fwd(t_cfg, p + r, p + r, True)
         else:
             parts["student fwd+bwd (prompt+response)"] = student_grad(p + r)
             parts["teacher fwd (prompt+response)"] = frozen_fwd(t_cfg, p + r, p + r, True)
