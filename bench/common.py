@@ -277,7 +277,16 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", default=None, help="JSON path (default bench/results/<name>.json)")
+    p.add_argument(
+        "--burst_s",
+        type=float,
+        default=BURST_S,
+        help="a timed sample = back-to-back calls lasting at least this long (0: single calls, cold starts)",
+    )
     return p
+
+
+BURST_S = 0.5  # bench.step.time_interleaved's default; the scripts set it from --burst_s
 
 
 def set_torch_threads() -> int:

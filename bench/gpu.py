@@ -117,6 +117,7 @@ def main():
     p.add_argument("--attention", default="", help="cudnn | xla (default: cudnn on GPU, xla elsewhere)")
     p.add_argument("--matmul_n", type=int, default=8192)
     a = p.parse_args()
+    C.BURST_S = a.burst_s
     on_gpu = jax.default_backend() == "gpu"
     attention = a.attention or ("cudnn" if on_gpu else "xla")
     make = (lambda att: quick_config(att)) if a.quick else (lambda att: gpu_config(a.batch, att))

@@ -114,6 +114,20 @@ def run_config(
 
         outs[name], fns[name] = call(), call
     gen = torch.Generator().manual_seed(0)
+
+    def minillm():  # MiniLLM's loop: each model with its own KV cache, probabilities mixed per step
+        return torch_ref.mixed_sample(
+            hf_s,
+            hf_t,
+            ids,
+            mask,
+            pixels,
+            max_new_tokens=new_tokens,
+            alpha=ALPHA,
+            image_token_id=img,
+            generator=gen,
+        )
+
     if peers:
         for n in threads:
             sfx = f"_{n}t"
@@ -132,20 +146,7 @@ def run_config(
                 ),
                 n,
             )
-            fns["minillm" + sfx] = with_threads(
-                lambda: torch_ref.mixed_sample(
-                    hf_s,
-                    hf_t,
-                    ids,
-                    mask,
-                    pixels,
-                    max_new_tokens=new_tokens,
-                    alpha=ALPHA,
-                    image_token_id=img,
-                    generator=gen,
-                ),
-                n,
-            )
+            fns["minillm" + sfx] = with_threads(minillm, n)
     # check: each side's recorded log-probs == a cache-free transformers forward over its sampled tokens
     ours_tok = torch.from_numpy(np.array(outs["ours"].tokens)).long()
     check = dict(
@@ -159,17 +160,7 @@ def run_config(
         ).max(),
     )
     if peers:
-        ml = torch_ref.mixed_sample(
-            hf_s,
-            hf_t,
-            ids,
-            mask,
-            pixels,
-            max_new_tokens=new_tokens,
-            alpha=ALPHA,
-            image_token_id=img,
-            generator=gen,
-        )
+        ml = minillm()
         check.update(
             minillm_student_lp=np.abs(
                 ml["student_logprobs"].numpy()
@@ -226,6 +217,7 @@ def main():
     p.add_argument("--torch_threads", default="", help="comma list; default: all cores (= XLA's pool) and 1")
     p.add_argument("--unrolled_timing", action="store_true", help="also time unrolled-layer builds")
     a = p.parse_args()
+    C.BURST_S = a.burst_s
     names = ["tiny"] if a.quick else a.configs.split(",")
     warmup, reps = (0, 1) if a.quick else (a.warmup, a.reps)
     new_tokens = 4 if a.quick else a.new_tokens

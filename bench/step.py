@@ -303,9 +303,6 @@ def run_config(
     )
 
 
-BURST_S = 0.5  # a timed sample is a burst of back-to-back calls lasting at least this long
-
-
 def time_interleaved(fns: dict, *, warmup: int, reps: int, burst_s: float | None = None) -> dict:
     """Warm-up each, then `reps` rounds; in each round every implementation runs one burst of back-to-back
     calls (alternating under shared load). A sample is the burst's time per call.
@@ -314,9 +311,10 @@ def time_interleaved(fns: dict, *, warmup: int, reps: int, burst_s: float | None
     alternating between implementations would measure cold starts instead: thread pools (torch's OpenMP
     workers, XLA's Eigen pool) go to sleep between calls and caches are cold. Measured on our tiny step:
     28 ms per call back-to-back, 44 ms for a call after 0.25 s of idling; torch lean 53 vs 56-63 ms.
-    The burst length is ceil(burst_s / the last warm-up call's time); calls slower than burst_s run once.
+    The burst length is ceil(burst_s / the last warm-up call's time); calls slower than burst_s run once
+    (burst_s = 0: single calls). Default: `common.BURST_S` (the scripts' --burst_s).
     """
-    burst_s = BURST_S if burst_s is None else burst_s
+    burst_s = C.BURST_S if burst_s is None else burst_s
     n_of = {}
     for k, f in fns.items():
         dt = 0.0
@@ -353,6 +351,7 @@ def main():
     p.add_argument("--torch_threads", default="", help="comma list; default: all cores (= XLA's pool) and 1")
     p.add_argument("--unrolled_timing", action="store_true", help="also compile and time an unrolled build")
     a = p.parse_args()
+    C.BURST_S = a.burst_s
     names = ["tiny"] if a.quick else a.configs.split(",")
     warmup, reps = (0, 1) if a.quick else (a.warmup, a.reps)
     cores = C.set_torch_threads()

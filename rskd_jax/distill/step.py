@@ -287,37 +287,31 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
             teacher_vision_features=tv,
         )
         ro = jax.tree.map(frozen, ro)
+
+        def response_view(m, vision):  # hidden states predicting the response, prompt + response forward
+            ids, mask, pos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
+            out = m(ids, pix, attention_mask=mask, vision_features=vision, compute_logits=False)
+            return _gather_positions(out.last_hidden, pos)
+
         if gt_terms and spec.pack_views:
             ids, positions, amask, pos, bad = _packed_view(batch, ro)
             metrics["data/prompt_not_prefix"] = bad
             t_len = batch["input_ids"].shape[1]
             kw = dict(positions=positions, attn_mask=amask, compute_logits=False)
-            s_all = model(ids, pix, vision_features=sv, return_hidden=s_layers, **kw)
-            gather = lambda x: jnp.take_along_axis(x, pos[..., None], axis=1)
+            gather = lambda out: jnp.take_along_axis(out.last_hidden, pos[..., None], axis=1)
             head = lambda out: out.replace(
                 last_hidden=out.last_hidden[:, :t_len],
                 hidden_states={i: x[:, :t_len] for i, x in out.hidden_states.items()},
             )
-            s_resp, s_gt = gather(s_all.last_hidden), head(s_all)
+            s_all = model(ids, pix, vision_features=sv, return_hidden=s_layers, **kw)
+            s_resp, s_gt = gather(s_all), head(s_all)
             if need_t_gt:  # the teacher packed as well
-                t_all = jax.lax.stop_gradient(
-                    teacher(ids, pix, vision_features=tv, return_hidden=t_layers, **kw)
-                )
-                t_resp, t_gt = gather(t_all.last_hidden), head(t_all)
-            else:  # the teacher is only needed on the response view
-                rids, rmask, rpos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
-                t_out = jax.lax.stop_gradient(
-                    teacher(rids, pix, attention_mask=rmask, vision_features=tv, compute_logits=False)
-                )
-                t_resp = _gather_positions(t_out.last_hidden, rpos)
+                t_all = frozen(teacher(ids, pix, vision_features=tv, return_hidden=t_layers, **kw))
+                t_resp, t_gt = gather(t_all), head(t_all)
+            else:  # the teacher is needed on the response view only
+                t_resp = frozen(response_view(teacher, tv))
         else:
-            ids, mask, pos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
-            s_out = model(ids, pix, attention_mask=mask, vision_features=sv, compute_logits=False)
-            t_out = jax.lax.stop_gradient(
-                teacher(ids, pix, attention_mask=mask, vision_features=tv, compute_logits=False)
-            )
-            s_resp = _gather_positions(s_out.last_hidden, pos)
-            t_resp = _gather_positions(t_out.last_hidden, pos)
+            s_resp, t_resp = response_view(model, sv), frozen(response_view(teacher, tv))
         rmask = ro.mask
         rewards = (ro.teacher_logprobs - ro.student_logprobs) * rmask
         adv = jax.lax.stop_gradient(

@@ -90,13 +90,10 @@ class LlamaLayer(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(q.dtype)
             v = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(q.dtype)
             kv = (k_all, v_all)
-        # Calls with a KV cache (rollout prefill/decode) or a custom mask (packed views) use the XLA path
-        # under 'splash' (its kernel is built for causal + key padding only).
-        impl = self.attention_impl
-        if impl == "splash" and (kv is not None or custom_mask):
-            impl = "xla"
-        elif kv is not None:
-            impl = "xla"
+        # Calls with a KV cache (rollout prefill/decode) always use the XLA path; so do custom masks (packed
+        # views) under 'splash', whose kernel is built for causal + key padding only.
+        cached_or_custom_splash = kv is not None or (custom_mask and self.attention_impl == "splash")
+        impl = "xla" if cached_or_custom_splash else self.attention_impl
         o = attention_heads(q, k, v, mask, impl)
         h = h + checkpoint_name(self.o_proj.merge_heads(o, rngs[3]), "attn_out")
         x = self.post_norm(h)
