@@ -23,13 +23,24 @@ TINY_STUDENT_TEXT = dict(hidden_size=64, intermediate_size=172, num_layers=2, nu
 
 
 def _model(preset, checkpoint="", vision=None, text=None, **kw):
+    """A model section (rskd_jax.build): preset + size fields + LlavaConfig overrides (numerics, layout) +
+    an optional checkpoint (ours, HF, or an original LLaVA / GeoChat layout with its separate parts)."""
     return ml_collections.ConfigDict(
-        dict(preset=preset, checkpoint=checkpoint, vision=vision or {}, text=text or {}, overrides=kw)
+        dict(
+            preset=preset,
+            checkpoint=checkpoint,
+            checkpoint_format="auto",  # auto | hf | llava | geochat | parts (as `rskd-convert import --format`)
+            vision_tower="",  # original layouts: the separate CLIP vision tower directory
+            mm_projector="",  # original layouts: a separate mm_projector.bin
+            vision=vision or {},
+            text=text or {},
+            overrides=kw,
+        )
     )
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, preset="demo", steps=-1, res=-1)
+    a = parse_arg(arg, preset="demo", steps=-1, res=-1, root="")
     c = ml_collections.ConfigDict()
     c.preset = a.preset
     c.seed = 0
@@ -131,10 +142,12 @@ def get_config(arg=None):
         c.data.update(image_size=32, train_size=64, eval_size=16, batch_size=4, seq_len=136, prompt_len=112)
         c.sampling.max_new_tokens = 8
         c.eval.update(limit=8, max_new_tokens=8, batch_size=8)
-    elif a.preset == "geochat13b_to_7b":
-        c.teacher = _model("geochat_13b", checkpoint="")
+    elif a.preset in ("geochat13b_to_7b", "rehearsal"):
+        # bf16 compute, bf16 frozen teacher, fp32 student master weights, per-layer full remat: what the
+        # plan (launch/plan.py) compiles and what training builds (rskd_jax.build).
+        c.teacher = _model("geochat_13b", checkpoint="", dtype="bfloat16", param_dtype="bfloat16")
         c.teacher.sft_steps = 0
-        c.student = _model("geochat_7b", checkpoint="")
+        c.student = _model("geochat_7b", checkpoint="", dtype="bfloat16", remat_policy="full")
         c.student.sft_steps = 0
         c.shared_vision = True
         c.trainable = "lora"
@@ -157,9 +170,11 @@ def get_config(arg=None):
         )
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.eval.update(limit=0, max_new_tokens=256)
+        if a.preset == "rehearsal":
+            _rehearsal(c, a.root or "runs/rehearsal_inputs")
     else:
         raise KeyError(
-            f"configs/distill.py: unknown preset {a.preset!r}; expected demo, tiny or geochat13b_to_7b"
+            f"configs/distill.py: unknown preset {a.preset!r}; expected demo, tiny, geochat13b_to_7b or rehearsal"
         )
 
     if a.steps > 0:
@@ -167,3 +182,38 @@ def get_config(arg=None):
     if a.res > 0:
         c.data.image_size = a.res
     return c
+
+
+def _rehearsal(c, root: str):
+    """geochat13b_to_7b's code path at reduced width and depth (sizes, steps and batch only), on the inputs
+    `python tools/make_rehearsal.py ROOT` writes in GeoChat's original layouts: a separate CLIP tower shared
+    by both models, teacher and student LLaMA .bin shards with their mm_projector, a GeoChat_Instruct JSON over
+    UC Merced and rs-synth images. `configs/distill.py:rehearsal,root=ROOT`; tests run it on 8 CPU devices as
+    one process and as two."""
+    vision = dict(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=1, patch_size=14)
+    for name, ckpt, text in (
+        ("teacher", "geochat13b", dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=2)),
+        ("student", "geochat7b", dict(hidden_size=64, intermediate_size=160, num_layers=2, num_heads=1)),
+    ):
+        sec = c[name]
+        sec.checkpoint = f"{root}/{ckpt}"
+        sec.checkpoint_format = "geochat"
+        sec.vision_tower = f"{root}/clip"
+        sec.vision = dict(vision)
+        sec.text = dict(text, num_kv_heads=text["num_heads"], vocab_size=256)
+    c.data.update(
+        instruct_json=f"{root}/instruct.json",
+        image_root=f"{root}/images",
+        tokenizer=f"{root}/geochat7b",
+        image_size=56,  # 4x4 patches of 14 px: 16 image tokens (GeoChat: 504 px, 1296)
+        batch_size=8,
+        prompt_len=448,  # character-level tokenizer: rs-synth's longest prompts need ~370
+        seq_len=512,
+        num_workers=0,
+    )
+    c.sampling.max_new_tokens = 8
+    c.total_steps = 6
+    c.log_every, c.ckpt_every, c.eval_every = 1, 3, 0
+    c.lora.rank = 8
+    c.optim.update(lr=2e-3, warmup_steps=1)  # a few steps must move the adapters visibly
+    c.eval.update(max_new_tokens=16)

@@ -25,6 +25,7 @@ from rskd_jax.convert.errors import ConversionError, listing
 from rskd_jax.models.llava import LlavaModel
 from rskd_jax.models.lora import LoRAConfig, apply_lora
 from rskd_jax.models.presets import LlavaConfig
+from rskd_jax.parallel import place
 
 
 def _abstract_model(cfg: LlavaConfig, lora_cfg: LoRAConfig | None) -> LlavaModel:
@@ -85,8 +86,6 @@ def saved_lora_config(path: pathlib.Path) -> LoRAConfig | None:
 
 
 def _from_checkpoint(path: pathlib.Path, mesh, rules, kw) -> tuple[LlavaModel, LlavaConfig]:
-    import orbax.checkpoint as ocp
-
     saved = LlavaConfig.from_dict(json.loads((path / ckpt.CONFIG).read_text()))
     lora_cfg = saved_lora_config(path)
     cfg = _overrides(saved, **kw)
@@ -110,13 +109,18 @@ def _from_checkpoint(path: pathlib.Path, mesh, rules, kw) -> tuple[LlavaModel, L
                     if x
                 )
             )
-        target = {
-            k: jax.ShapeDtypeStruct(v.shape, jax.numpy.dtype(cfg.param_dtype), sharding=shard[k])
-            for k, v in flat.items()
-        }
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path / ckpt.STATE, _nest(target))
-        arrays = {k: _lookup(restored, k) for k in flat}
+        dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+        arrays = {}
+        for k, v in flat.items():  # one parameter at a time, each process reading only its own shards
+            key = tuple(map(str, k))
+            stored = tuple(reader.array(key).shape)
+            if stored != tuple(v.shape):
+                raise ConversionError(
+                    f"{path}: {'.'.join(key)} has shape {stored} in the checkpoint, the config needs {v.shape}"
+                )
+            arrays[k] = place.from_reader(
+                v.shape, dtype, shard[k], lambda idx, out, key=key: reader.read_into(key, idx, out)
+            )
         return _fill(model, arrays), cfg
     # Layout change (scanned <-> per-layer list): copy layer slices between the two layouts.
     if lora_cfg is not None:
@@ -135,22 +139,6 @@ def _from_checkpoint(path: pathlib.Path, mesh, rules, kw) -> tuple[LlavaModel, L
             )
     sink.finish()
     return _fill(model, sink.arrays), cfg
-
-
-def _nest(flat: dict[tuple, object]) -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        d = out
-        for p in k[:-1]:
-            d = d.setdefault(p, {})
-        d[k[-1]] = v
-    return out
-
-
-def _lookup(tree, key: tuple):
-    for p in key:
-        tree = tree[p] if p in tree else tree[str(p)]
-    return tree
 
 
 def load_pretrained(

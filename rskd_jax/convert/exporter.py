@@ -79,13 +79,9 @@ class ModelParams:
             for p, m in nnx.iter_modules(model)
             if isinstance(m, Linear) and m.lora_a is not None
         }
-        bad = [keymap.path_name(k) for k, v in self.flat.items() if not _value(v).is_fully_addressable]
-        if bad:
-            raise ConversionError(
-                f"export_model: arrays not fully addressable from this process ({bad[:3]} ...): "
-                "multi-host export "
-                "is not supported; save a checkpoint and export it with `rskd-convert export`"
-            )
+        # Arrays spanning several processes: every process reads the same blocks (collective gathers) and
+        # only process 0 writes files.
+        self.collective = any(not _value(v).is_fully_addressable for v in self.flat.values())
         self._stacked = {k for k in self.flat if "layers" in k and not any(isinstance(x, int) for x in k)}
 
     def has(self, path: tuple) -> bool:
@@ -96,8 +92,10 @@ class ModelParams:
         return ckpt.ParamSpec(tuple(v.shape), np.dtype(v.dtype), path in self._stacked)
 
     def get(self, path: tuple, layer: int | None, rows: slice) -> np.ndarray:
+        from rskd_jax.parallel import place  # noqa: PLC0415 - jax only for in-memory models
+
         v = _value(self.flat[path])
-        return np.asarray((v[layer] if layer is not None else v)[rows])
+        return place.gather((v[layer] if layer is not None else v)[rows])
 
     def scale(self, path: tuple) -> float:
         return float(self.scales[path[:-1]])
@@ -176,8 +174,15 @@ def _export(
     from tqdm.auto import tqdm
 
     dst = pathlib.Path(dst).absolute()
-    check_destination(dst, overwrite)
     outs, vocab = _plan(cfg, params, dtype)
+    if getattr(params, "collective", False):
+        import jax  # noqa: PLC0415
+
+        if jax.process_index() != 0:  # take part in the gathers; process 0 writes
+            for o in outs:
+                _write_tensor(o, params, np.empty(o.info.shape, o.info.dtype))
+            return dst
+    check_destination(dst, overwrite)
     shards = _shards(outs, parse_size(max_shard_size))
     tmp = temp_dir_for(dst)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -381,19 +381,16 @@ class ArraySink:
         self._left = {p: (s.shape[0] if s.stacked else 1) * len(s.blocks()) for p, s in params.items()}
 
     def write(self, path: tuple, layer: int | None, rows: slice, block: np.ndarray) -> None:
-        import jax
+        from rskd_jax.parallel import place  # noqa: PLC0415 - jax is imported only when loading to devices
 
         spec = self.params[path]
         host = self._host.get(path)
         if host is None:
-            host = self._host[path] = np.empty(spec.shape, spec.dtype)
+            host = self._host[path] = place.aligned_empty(spec.shape, spec.dtype)
         (host[layer] if layer is not None else host)[rows] = block
         self._left[path] -= 1
         if self._left[path] == 0:
-            sharding = self.shardings.get(path)
-            self.arrays[path] = (
-                jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
-            )
+            self.arrays[path] = place.put(host, self.shardings.get(path))
             del self._host[path]
 
     def finish(self) -> None:

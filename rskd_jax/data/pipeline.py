@@ -4,12 +4,13 @@ processes.
 
 Order of one component (source i, seed s_i derived from `seed`):
 
-    MapDataset.source(src).shuffle(s_i)[shard_index::shard_count].repeat(num_epochs)
+    MapDataset.source(src).shuffle(s_i) -> _BatchBlocks(shard_index, shard_count, batch_size) -> .repeat(num_epochs)
 
-`ShuffleMapDataset` reshuffles every epoch (index // len picks the epoch), and `SliceMapDataset` maps index
-e * len(shard) + j of the repeated shard to position `shard_index + j * shard_count` of epoch e's
-permutation, so in every epoch the shards are disjoint and together cover every record exactly once
-(shard sizes differ by at most one record). Components are mixed with `MapDataset.mix` (deterministic
+`ShuffleMapDataset` reshuffles every epoch (index // len picks the epoch), and `_BatchBlocks` gives process i
+the i-th block of `batch_size` records of every global batch of `batch_size * shard_count` in epoch e's
+permutation: in every epoch the shards are disjoint and together cover every record exactly once, and with
+one source the global batches are the same whatever the number of processes (a 2-process run sees the batches
+of a 1-process run, within each epoch). Components are mixed with `MapDataset.mix` (deterministic
 interleave by weight; the mixture ends when any finite component runs out). Batches are fixed-shape
 dicts of numpy arrays (the batch contract in transforms.ExampleTransform), `drop_remainder` by default.
 
@@ -48,6 +49,50 @@ class _Guarded:
         if self.with_metadata:
             out = {**out, "example_id": np.int32(example_id), "source_id": np.int32(source_id)}
         return out
+
+
+class _BatchBlocks(grain.MapDataset):
+    """Process `index` of `count`'s share of each epoch: the `block` consecutive records it contributes to
+    every global batch of `block * count` (process 0's rows first, as `host_local_to_global` assembles them).
+    So within an epoch the global batches are the same for any number of processes (whole global batches;
+    a last partial one is split in blocks too), and the processes' shares are disjoint and cover the epoch.
+    Indices past one epoch reach the parent's next epoch (its next permutation), as SliceMapDataset does."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, block: int):
+        super().__init__(parent)
+        self._n, self._i, self._block, self._global = len(parent), index, block, block * count
+        full, rest = divmod(self._n, self._global)
+        self._len = full * block + max(0, min(block, rest - index * block))
+        if self._len == 0:
+            raise ValueError(f"{self._n} records leave process {index} of {count} no record")
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _parent_index(self, k: int) -> int:
+        epoch, j = divmod(k, self._len)
+        return epoch * self._n + (j // self._block) * self._global + self._i * self._block + j % self._block
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        with self._stats.record_self_time():
+            parent_index = self._parent_index(index)
+        return self._parent[parent_index]
+
+    def _getitems(self, indices):
+        with self._stats.record_self_time(num_elements=len(indices)):
+            parent = [self._parent_index(k) for k in indices]
+        return self._parent._getitems(parent)  # noqa: SLF001 - grain's batched read protocol
+
+    def __str__(self) -> str:
+        return f"_BatchBlocks(process {self._i}, block {self._block}, global batch {self._global})"
+
+    @property
+    def _element_spec(self):
+        return grain.experimental.get_element_spec(self._parent) if hasattr(grain, "experimental") else None
 
 
 def _derive_seed(seed: int, i: int) -> int:
@@ -106,7 +151,7 @@ def make_dataset(
         ds = grain.MapDataset.source(src).map_with_index(lambda k, r, i=i, n=n: (i, k % n, r))
         if shuffle:
             ds = ds.shuffle(_derive_seed(seed, i))
-        ds = ds[shard_index::shard_count]
+        ds = _BatchBlocks(ds, shard_index, shard_count, batch_size) if shard_count > 1 else ds
         if num_epochs != 1:
             ds = ds.repeat(num_epochs)
         comps.append(ds)

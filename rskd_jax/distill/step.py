@@ -474,6 +474,7 @@ def make_train_step(
     *,
     mesh=None,
     donate: bool = True,
+    donate_params: bool = False,
 ):
     """Builds `(init, step, parts)` for a `DistillStudent` (+ an optional frozen teacher).
 
@@ -535,7 +536,12 @@ def make_train_step(
     if mesh is None:
         return init_fn, jax.jit(step_fn, **donate_kw), parts
     parts["shardings"] = sh
-    init = jax.jit(init_fn, in_shardings=(sh["params"], sh["replicated"]), out_shardings=sh["state"])
+    init = jax.jit(  # donate_params: the state takes over the trainable arrays (no second copy)
+        init_fn,
+        in_shardings=(sh["params"], sh["replicated"]),
+        out_shardings=sh["state"],
+        donate_argnums=(0,) if donate_params else (),
+    )
     step = jax.jit(
         step_fn,
         in_shardings=(sh["state"], sh["frozen"], sh["teacher"], sh["batch"]),

@@ -3,7 +3,7 @@
 from rskd_jax.models.clip_vit import ClipOutput, ClipVisionModel, interpolate_pos_table
 from rskd_jax.models.llama import KVCache, LlamaModel, cache_shardings
 from rskd_jax.models.llava import LlavaModel, LlavaOutput
-from rskd_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora
+from rskd_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora, without_lora
 from rskd_jax.models.presets import LlavaConfig, TextConfig, VisionConfig, get_preset, param_counts
 from rskd_jax.models.projector import Projector
 
@@ -20,6 +20,7 @@ __all__ = [
     "LoRAParam",
     "apply_lora",
     "merge_lora",
+    "without_lora",
     "LlavaConfig",
     "TextConfig",
     "VisionConfig",

@@ -85,3 +85,15 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
             lin.lora_a, lin.lora_b = None, None
             lin.lora_scale, lin.lora_dropout = 0.0, 0.0
     return model
+
+
+def without_lora(model: nnx.Module) -> nnx.Module:
+    """A model sharing `model`'s base weights with its LoRA adapters removed: the base model the adapters were
+    trained on (nothing is copied; `model` is unchanged)."""
+    graphdef, state = nnx.split(model)
+    clone = nnx.merge(graphdef, state)
+    for _, lin in nnx.iter_modules(clone):
+        if isinstance(lin, Linear) and lin.lora_a is not None:
+            lin.lora_a, lin.lora_b = None, None
+            lin.lora_scale, lin.lora_dropout = 0.0, 0.0
+    return clone

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -112,10 +113,28 @@ def named_shardings(state, mesh, rules: Rules | None = None):
 
 
 def shard_model(model: nnx.Module, mesh, rules: Rules | None = None) -> nnx.Module:
-    """Moves a (freshly built, single-device) model's variables onto `mesh` per the rules; in place."""
+    """Lays a model's variables out on `mesh` per the rules; in place. Variables already in their sharding
+    (models from `init_sharded` / `load_pretrained(mesh=...)`) are left alone; others are moved one at a time,
+    also onto meshes spanning several processes (each process places its own shards)."""
+    from rskd_jax.parallel import place  # noqa: PLC0415 - place imports nothing of ours; kept local for clarity
+
     state = nnx.state(model)
-    sharded = jax.device_put(state, named_shardings(state, mesh, rules))
-    nnx.update(model, sharded)
+    shardings = named_shardings(state, mesh, rules)
+
+    def move(x, s):
+        if place.is_placed(x, s):
+            return x
+        if isinstance(x, jax.Array) and x.is_fully_addressable and s.is_fully_addressable:
+            return jax.device_put(x, s)
+        return place.put(np.asarray(jax.device_get(x)), s)
+
+    moved = jax.tree.map(
+        lambda v, s: v.replace(move(v.get_value(), s)),
+        state,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    nnx.update(model, moved)
     return model
 
 

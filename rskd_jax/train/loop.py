@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from rskd_jax.distill import step as S
-from rskd_jax.parallel import multihost, rules
+from rskd_jax.parallel import multihost, place, rules
 from rskd_jax.train import checkpoint as ckpt_lib
 from rskd_jax.train import preemption, progress, writers
 
@@ -42,8 +42,9 @@ def fingerprint(state) -> str:
     """A short hash of a model's parameters (shapes + a few values): recorded so resume refuses another teacher."""
     h = hashlib.sha256()
     for path, x in sorted(jax.tree_util.tree_flatten_with_path(state)[0], key=lambda kv: str(kv[0])):
-        arr = np.asarray(jax.device_get(x)).ravel()
-        h.update(str(path).encode() + str(arr.shape).encode() + arr[:16].astype(np.float32).tobytes())
+        head = place.gather(x.reshape(-1)[:16]) if isinstance(x, jax.Array) else np.asarray(x).ravel()[:16]
+        size = (int(np.prod(np.shape(x))),)  # the flattened shape, as earlier checkpoints recorded it
+        h.update(str(path).encode() + str(size).encode() + head.astype(np.float32).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -89,13 +90,16 @@ def fit(
             rules.shard_model(teacher, mesh)
     tx = S.make_optimizer(optim_cfg)
     with jax.set_mesh(mesh):
-        init_fn, step_fn, parts = S.make_train_step(student, teacher, spec, tx, trainable, mesh=mesh)
+        init_fn, step_fn, parts = S.make_train_step(
+            student, teacher, spec, tx, trainable, mesh=mesh, donate_params=True
+        )
     teacher_fp = fingerprint(parts["teacher"]) if teacher is not None else None
-    with jax.set_mesh(mesh):
+    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts["params"]))
+    with jax.set_mesh(mesh):  # the state takes over the trainable arrays: `model` is consumed
         state = init_fn(parts["params"], jax.random.key(seed))
     frozen, t_state = parts["frozen"], parts["teacher"]
-    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts["params"]))
     log.info("[%s] %d trainable parameters (%s)", name, n_train, trainable)
+    log_memory(name, state, frozen, t_state)
 
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=keep)
     data_it = iter(dataset) if num_workers == 0 else None
@@ -160,6 +164,47 @@ def fit(
             data_it.close()
     merged = _merged(parts, state)
     return FitResult(model=merged.model, maps=merged.maps, step=step, preempted=preempted, history=history)
+
+
+def memory_table(state, frozen, teacher) -> dict[str, tuple[int, int]]:
+    """{part: (bytes on the fullest local device, total bytes)} of what a step keeps on the devices."""
+    from rskd_jax.build import device_bytes  # noqa: PLC0415
+
+    maps = {k: v for k, v in state.params.items() if k == "maps"} if hasattr(state.params, "items") else {}
+    trained = {k: v for k, v in state.params.items() if k != "maps"} if maps else state.params
+    return {
+        "student (trainable)": device_bytes(trained),
+        "student (frozen)": device_bytes(frozen),
+        "feature maps": device_bytes(maps),
+        "optimizer state": device_bytes(state.opt_state),
+        "teacher": device_bytes(teacher),
+    }
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def log_memory(name: str, state, frozen, teacher) -> None:
+    """Logs per-device bytes of each part (the plan's `launch/plan.py` compiles the same step: compare there)."""
+    table = memory_table(state, frozen, teacher)
+    n = max(1, len(jax.local_devices()))
+    parts = ", ".join(
+        f"{k} {_size(dev)}/device (even share {_size(tot / jax.device_count())})"
+        for k, (dev, tot) in table.items()
+        if tot
+    )
+    peak = sum(dev for dev, _ in table.values())
+    log.info(
+        "[%s] device memory of parameters and optimizer: %s; total <= %s/device on %d local devices",
+        name,
+        parts,
+        _size(peak),
+        n,
+    )
 
 
 def _merged(parts, state) -> S.DistillStudent:

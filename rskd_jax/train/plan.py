@@ -139,11 +139,6 @@ def target_devices(topo: Topology, backend: str) -> list:
 
 
 # ----------------------------------------------------------------------------------------------- models
-# What the plan applies to a config preset for fields its model sections leave unset (flags override all).
-PRESET_DEFAULTS = {
-    # bf16 compute, bf16 frozen teacher, fp32 student master weights (model default), per-layer full remat
-    "geochat13b_to_7b": dict(compute_dtype="bfloat16", teacher_param_dtype="bfloat16", remat="full"),
-}
 _SETTINGS = (  # name, config section(s) holding the LlavaConfig field, field
     ("compute_dtype", ("student", "teacher"), "dtype"),
     ("teacher_param_dtype", ("teacher",), "param_dtype"),
@@ -155,53 +150,54 @@ _SETTINGS = (  # name, config section(s) holding the LlavaConfig field, field
 def resolve_settings(config, **flags) -> dict:
     """{name: (value or None, source)} for compute_dtype, teacher_param_dtype, student_param_dtype, remat.
 
-    Precedence: a flag (keyword, not None) > the config's `<section>.overrides` > PRESET_DEFAULTS[preset] >
-    the model default (value None: nothing is changed).
+    Precedence: a flag (keyword, not None) > the config's `<section>.overrides` (what training uses too) > the
+    model default (value None: nothing is changed). Without flags the plan compiles the step training runs.
     """
     unknown = set(flags) - {s[0] for s in _SETTINGS}
     if unknown:
         raise TypeError(f"unknown settings {sorted(unknown)}")
-    preset = PRESET_DEFAULTS.get(config.get("preset", ""), {})
     out = {}
     for name, sections, field in _SETTINGS:
         if flags.get(name) is not None:
             out[name] = (flags[name], "flag")
         elif any(field in config[s].overrides for s in sections):
-            out[name] = (None, "config")
-        elif preset.get(name) is not None:
-            out[name] = (preset[name], f"plan default for {config.preset}")
+            vals = {config[s].overrides[field] for s in sections if field in config[s].overrides}
+            out[name] = (None, f"config ({'/'.join(sorted(map(str, vals)))})")
         else:
             out[name] = (None, "model default")
     return out
 
 
-def model_config(config, section, **fields):
-    """The LlavaConfig a config section names, without a tokenizer (cf. rskd_jax.train.run.model_config), with
-    `fields` (LlavaConfig field -> value; None = unchanged) applied on top.
+def run_ids(config):
+    """The special ids of the run's tokenizer when the config names one that exists (as training reads)."""
+    tok_dir = config.data.get("tokenizer", "")
+    if not tok_dir or not (pathlib.Path(tok_dir) / "tokenizer_config.json").is_file():
+        return None
+    from rskd_jax.data import load_tokenizer, special_ids  # noqa: PLC0415
 
-    Vocabulary: the 'tiny' preset gets `data.vocab_size` (what the demo trains its tokenizer to); real presets
-    keep theirs (Vicuna's 32000). A converted checkpoint's own config is not read.
-    """
-    from rskd_jax.models import get_preset  # noqa: PLC0415
+    return special_ids(load_tokenizer(tok_dir))
 
-    base = get_preset(section.preset)
-    vision = dataclasses.replace(base.vision, image_size=config.data.image_size, **dict(section.vision))
-    text_kw = dict(section.text)
-    if section.preset == "tiny":
-        text_kw.setdefault("vocab_size", int(config.data.vocab_size))
-    text = dataclasses.replace(base.text, **text_kw)
-    over = dict(section.overrides) | {k: v for k, v in fields.items() if v is not None}
-    return base.replace(vision=vision, text=text, **over)
+
+def model_config(config, section, ids=None, **fields):
+    """The LlavaConfig a config section names (rskd_jax.build.model_config, as training builds it), with
+    `fields` (LlavaConfig field -> value; None = unchanged) applied on top. A checkpoint's own config is not
+    read: the section's sizes describe it (training checks that they agree)."""
+    from rskd_jax import build  # noqa: PLC0415
+
+    return build.model_config(config, section, ids).replace(
+        **{k: v for k, v in fields.items() if v is not None}
+    )
 
 
 def model_configs(config, settings: dict):
     """(student_cfg, teacher_cfg) with resolved settings (`resolve_settings`) applied."""
     v = {k: val for k, (val, _) in settings.items()}
     dt = v["compute_dtype"]
+    ids = run_ids(config)
     s_cfg = model_config(
-        config, config.student, dtype=dt, param_dtype=v["student_param_dtype"], remat_policy=v["remat"]
+        config, config.student, ids, dtype=dt, param_dtype=v["student_param_dtype"], remat_policy=v["remat"]
     )
-    t_cfg = model_config(config, config.teacher, dtype=dt, param_dtype=v["teacher_param_dtype"])
+    t_cfg = model_config(config, config.teacher, ids, dtype=dt, param_dtype=v["teacher_param_dtype"])
     return s_cfg, t_cfg
 
 

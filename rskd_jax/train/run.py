@@ -21,6 +21,7 @@ import time
 import jax
 from flax import nnx
 
+from rskd_jax import build
 from rskd_jax.distill import step as S
 from rskd_jax.parallel import mesh as mesh_lib
 from rskd_jax.parallel import multihost
@@ -115,33 +116,27 @@ def prepare(config, workdir) -> Context:
 
 
 # ----------------------------------------------------------------------------------------------- models
-def model_config(ctx: Context, mc):
-    from rskd_jax.models import get_preset  # noqa: PLC0415
+def model_config(ctx: Context, mc, name: str = "model"):
+    """The LlavaConfig config section `mc` builds with this run's tokenizer (rskd_jax.build.resolve)."""
+    return build.resolve(ctx.config, mc, name, ctx.ids, ctx.tokenizer_dir)
 
-    base = get_preset(mc.preset)
-    vision = dataclasses.replace(base.vision, image_size=ctx.config.data.image_size, **dict(mc.vision))
-    text = dataclasses.replace(base.text, vocab_size=ctx.vocab_size, **dict(mc.text))
-    return base.replace(
-        vision=vision,
-        text=text,
-        image_token_id=ctx.ids.image,
-        pad_token_id=ctx.ids.pad,
-        bos_token_id=ctx.ids.bos,
-        eos_token_id=ctx.ids.eos,
-        **dict(mc.overrides),
+
+def build_model(ctx: Context, mc, seed: int, name: str = "model"):
+    """The model config section `mc` names (a checkpoint, or a random init for the demo), in its sharding."""
+    t0 = time.perf_counter()
+    model = build.build_model(
+        ctx.config, mc, name, mesh=ctx.mesh, seed=seed, ids=ctx.ids, tokenizer_dir=ctx.tokenizer_dir
     )
-
-
-def build_model(ctx: Context, mc, seed: int):
-    """The model a config section names: a converted checkpoint, or a fresh random init (demo)."""
-    if mc.checkpoint:
-        from rskd_jax import load_pretrained  # noqa: PLC0415
-
-        loaded = load_pretrained(mc.checkpoint)
-        return loaded[0] if isinstance(loaded, tuple) else loaded.model
-    from rskd_jax.models import LlavaModel  # noqa: PLC0415
-
-    return LlavaModel(model_config(ctx, mc), rngs=nnx.Rngs(seed))
+    dev, tot = build.device_bytes(nnx.state(model))
+    log.info(
+        "%s: %s in %.1f s, %.3f GiB (%.3f GiB on the fullest device)",
+        name,
+        f"loaded {mc.checkpoint}" if mc.checkpoint else f"initialised ({mc.preset})",
+        time.perf_counter() - t0,
+        tot / 2**30,
+        dev / 2**30,
+    )
+    return model
 
 
 def transform_for(ctx: Context, cfg):
@@ -189,9 +184,9 @@ def _fit_common(ctx: Context):
     )
 
 
-def sft_stage(ctx: Context, name: str, mc, seed: int):
+def sft_stage(ctx: Context, name: str, mc, seed: int, section: str):
     """Fine-tunes the model of config section `mc` (teacher or student) with cross-entropy on the answers."""
-    model = build_model(ctx, mc, seed)
+    model = build_model(ctx, mc, seed, section)
     if mc.sft_steps <= 0:
         return model
     optim = ctx.config.optim.copy_and_resolve_references()
@@ -247,7 +242,7 @@ def distill_stage(ctx: Context, student, teacher):
 def sft_only(ctx: Context):
     """configs/sft.py: fine-tune `config.model`, then evaluate it (report.md / report.json)."""
     c = ctx.config
-    model = sft_stage(ctx, "sft", c.model, c.seed)
+    model = sft_stage(ctx, "sft", c.model, c.seed, "model")
     if ctx.eval_source is None:
         return None
     from rskd_jax.eval import report  # noqa: PLC0415
@@ -259,14 +254,31 @@ def sft_only(ctx: Context):
 
 
 def export_student(ctx: Context, model):
-    """The distilled student (LoRA merged, feature maps dropped) as a transformers-loadable LLaVA directory."""
+    """The distilled student (LoRA merged, feature maps dropped) as a transformers-loadable LLaVA directory.
+
+    Multi-process runs gather one tensor block at a time; process 0 writes."""
     from rskd_jax.convert import export_model  # noqa: PLC0415
-    from rskd_jax.models import merge_lora  # noqa: PLC0415
 
     dst = ctx.workdir / "student_hf"
-    model = merge_lora(copy_model(model))
+    t0 = time.perf_counter()
     export_model(model, model.cfg, dst, tokenizer_dir=ctx.tokenizer_dir, overwrite=True)
-    log.info("distilled student exported (Hugging Face LlavaForConditionalGeneration format): %s", dst)
+    multihost.sync("export")
+    log.info(
+        "distilled student exported in %.1f s (Hugging Face LlavaForConditionalGeneration format): %s",
+        time.perf_counter() - t0,
+        dst,
+    )
+
+
+def keep_before(ctx: Context, model):
+    """A copy of the student before distillation, for the report (full fine-tuning changes its weights)."""
+    dev, tot = build.device_bytes(nnx.state(model))
+    log.info(
+        "keeping a copy of the student before distillation for the report: %.3f GiB (%.3f GiB/device)",
+        tot / 2**30,
+        dev / 2**30,
+    )
+    return copy_model(model)
 
 
 def add_lora(config, model):
@@ -314,17 +326,21 @@ def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes
     log.info("workdir %s, mesh %s, %d devices", ctx.workdir, dict(ctx.mesh.shape), jax.device_count())
     if c.get("mode") == "sft":
         return sft_only(ctx)
-    teacher = sft_stage(ctx, "teacher", c.teacher, c.seed)
+    teacher = sft_stage(ctx, "teacher", c.teacher, c.seed, "teacher")
     if stage == "teacher":
         return None
-    student_before = sft_stage(ctx, "student_sft", c.student, c.seed + 1)
+    student = sft_stage(ctx, "student_sft", c.student, c.seed + 1, "student")
     if stage == "student_sft":
         return None
-    student_after = None
-    if stage in ("auto", "distill", "eval"):
-        res = distill_stage(ctx, copy_model(student_before), teacher)
-        student_after = res.model
-    if c.get("export_student", True) and jax.process_count() == 1:
+    wants_report = ctx.eval_source is not None and stage in ("auto", "eval")
+    student_before = keep_before(ctx, student) if wants_report and c.trainable != "lora" else None
+    res = distill_stage(ctx, student, teacher)  # consumes `student`
+    student_after = res.model
+    if wants_report and student_before is None:
+        from rskd_jax.models import without_lora  # noqa: PLC0415
+
+        student_before = without_lora(student_after)  # the base weights LoRA was trained on: no copy
+    if c.get("export_student", True):
         export_student(ctx, student_after)
     if stage == "distill":
         return None
