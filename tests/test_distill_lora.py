@@ -25,7 +25,9 @@ def test_lora_dropout_branch_is_an_inverted_bernoulli_mask(path):
     """With A = B = identity the LoRA branch is scale * dropout(x): every element is 0 or x / (1 - p), zeros
     at rate p; without a key (or with p = 0) it is scale * x exactly."""
     d, heads, scale, p = 64, 4, 2.0, 0.25
-    lin = Linear(d, d, ("embed", "mlp"), use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    lin = Linear(
+        d, d, ("embed", "mlp"), use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
     lin.lora_a, lin.lora_b = nnx.LoRAParam(jnp.eye(d)), nnx.LoRAParam(jnp.eye(d))
     lin.lora_scale, lin.lora_dropout = scale, p
     w = np.asarray(lin.kernel[...])
@@ -103,7 +105,9 @@ def test_sft_loss_uses_lora_dropout_only_when_its_rate_is_positive():
     spec = S.StepSpec(weights=dict(sft=1.0), sampling=None, eos_id=2, pad_id=0, image_token_id=IMG)
     k0, k1 = jax.random.key(0), jax.random.key(1)
     off = lora_student(0.0)
-    assert metrics_of(off, None, spec, k0) == metrics_of(off, None, spec, k1)  # rate 0: the key changes nothing
+    assert metrics_of(off, None, spec, k0) == metrics_of(
+        off, None, spec, k1
+    )  # rate 0: the key changes nothing
     on = lora_student(0.5)
     a, b = metrics_of(on, None, spec, k0), metrics_of(on, None, spec, k1)
     assert a == metrics_of(on, None, spec, k0)  # a function of the key (resume is exact)
@@ -141,13 +145,20 @@ def test_sft_step_with_dropout_is_reproducible_from_its_state():
 
 
 # --------------------------------------------------------------------- feature terms and discarded maps
-LORA_PATHS = ["model/llm/layers/q_proj/lora_a", "model/llm/layers/q_proj/lora_b", "maps/layer0/w", "maps/proj/w"]
+LORA_PATHS = [
+    "model/llm/layers/q_proj/lora_a",
+    "model/llm/layers/q_proj/lora_b",
+    "maps/layer0/w",
+    "maps/proj/w",
+]
 
 
 def test_check_feature_terms_rule():
     w = dict(feat_image=1.0, feat_text=1.0, feat_proj=0.0)
     check_feature_terms(w, LORA_PATHS, "lora", shared_vision=True)  # the LLM hidden states reach the adapters
-    with pytest.raises(ValueError, match=r"^config loss\.weights\.feat_proj=1: with trainable='lora'.*\['proj'\]"):
+    with pytest.raises(
+        ValueError, match=r"^config loss\.weights\.feat_proj=1: with trainable='lora'.*\['proj'\]"
+    ):
         check_feature_terms(dict(w, feat_proj=1.0), LORA_PATHS, "lora", shared_vision=True)
     with pytest.raises(ValueError, match="feat_proj"):  # own but frozen vision tower: still nothing to train
         check_feature_terms(dict(feat_proj=1.0), LORA_PATHS, "lora", shared_vision=False)
@@ -174,7 +185,9 @@ def test_the_rule_matches_autodiff_and_the_step_refuses():
 
     def grads(weights):
         spec = spec_of(weights, feature_layers=layers, shared_vision=True)
-        f = lambda p: S.compute_loss(nnx.merge(g, p, frozen), nnx.merge(tg, ts), batch, jax.random.key(0), spec)[0]
+        f = lambda p: S.compute_loss(
+            nnx.merge(g, p, frozen), nnx.merge(tg, ts), batch, jax.random.key(0), spec
+        )[0]
         flat = jax.jit(jax.grad(f))(params).flat_state()
         norm = lambda pred: sum(float(jnp.abs(v[...]).sum()) for p, v in flat if pred(S.path_str(p)))
         return norm(lambda s: s.startswith("model/")), norm(lambda s: s.startswith("maps/proj"))
@@ -185,7 +198,9 @@ def test_the_rule_matches_autodiff_and_the_step_refuses():
     tx = optax.adam(1e-3)
     with pytest.raises(ValueError, match=r"loss\.weights\.feat_proj=1: .*export discards"):
         S.make_train_step(ds, teacher, spec_of(dict(feat_proj=1.0), shared_vision=True), tx, "lora")
-    S.make_train_step(ds, teacher, spec_of(dict(feat_image=1.0), feature_layers=layers, shared_vision=True), tx, "lora")
+    S.make_train_step(
+        ds, teacher, spec_of(dict(feat_image=1.0), feature_layers=layers, shared_vision=True), tx, "lora"
+    )
 
 
 # ------------------------------------------------------------------------------------- the real preset
@@ -208,11 +223,15 @@ def test_lora_step_moves_weights_like_the_documented_factor():
             kw = dict(use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
             self.q_proj = Linear(4096, 4096, ("embed", "mlp"), **kw)
 
-    lin = apply_lora(Block(), LoRAConfig(rank=64, alpha=16.0, targets=("q_proj",), exclude=()), rngs=nnx.Rngs(1)).q_proj
+    lin = apply_lora(
+        Block(), LoRAConfig(rank=64, alpha=16.0, targets=("q_proj",), exclude=()), rngs=nnx.Rngs(1)
+    ).q_proj
     a, b = lin.lora_a[...], lin.lora_b[...]
     lr = 2e-4
     tx = optax.adam(lr)
-    gr = dict(a=jax.random.normal(jax.random.key(2), a.shape), b=jax.random.normal(jax.random.key(3), b.shape))
+    gr = dict(
+        a=jax.random.normal(jax.random.key(2), a.shape), b=jax.random.normal(jax.random.key(3), b.shape)
+    )
     upd, _ = tx.update(gr, tx.init(dict(a=a, b=b)))
     dw = lin.lora_scale * ((a + upd["a"]) @ (b + upd["b"]) - a @ b)
     factor = float(jnp.sqrt(jnp.mean(dw**2))) / lr

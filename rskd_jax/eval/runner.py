@@ -504,7 +504,10 @@ def run_eval(c) -> dict:
     out_dir = pathlib.Path(c.out_dir or f"runs/eval/{c.preset}")
     if c.preset == "params":
         return params_report(
-            c.models, out_dir, seq_len=c.get("seq_len") or None, paper_text_tokens=c.get("paper_text_tokens", 512)
+            c.models,
+            out_dir,
+            seq_len=c.get("seq_len") or None,
+            paper_text_tokens=c.get("paper_text_tokens", 512),
         )
     tok_dir = c.tokenizer or c.checkpoint
     if not tok_dir and c.preset == "synth":
