@@ -188,7 +188,7 @@ def test_the_rule_matches_autodiff_and_the_step_refuses():
         f = lambda p: S.compute_loss(
             nnx.merge(g, p, frozen), nnx.merge(tg, ts), batch, jax.random.key(0), spec
         )[0]
-        flat = jax.jit(jax.grad(f))(params).flat_state()
+        flat = nnx.to_flat_state(jax.jit(jax.grad(f))(params))
         norm = lambda pred: sum(float(jnp.abs(v[...]).sum()) for p, v in flat if pred(S.path_str(p)))
         return norm(lambda s: s.startswith("model/")), norm(lambda s: s.startswith("maps/proj"))
 

@@ -506,7 +506,7 @@ def make_train_step(
     if len(jax.tree.leaves(params)) == 0:
         raise ValueError(f"trainable={trainable!r} selects no parameter of the student")
     if teacher is not None:  # a feature term that would only train its discarded map is refused
-        paths = [path_str(p) for p, _ in params.flat_state()]
+        paths = [path_str(p) for p, _ in nnx.to_flat_state(params)]
         check_feature_terms(spec.weights, paths, trainable, spec.shared_vision)
 
     def init_fn(p, rng):
