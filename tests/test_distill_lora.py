@@ -2,6 +2,9 @@
 that would only train a discarded map are refused, and the geochat13b_to_7b preset's LoRA settings."""
 
 import functools
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,7 @@ from test_distill_step import IMG, configs, make_batch
 from configs import distill as distill_config
 from rskd_jax.distill import rollout as R
 from rskd_jax.distill import step as S
-from rskd_jax.distill.checks import check_feature_terms
+from rskd_jax.distill.checks import ConfigError, check_config, check_feature_terms
 from rskd_jax.models import LlavaModel, LoRAConfig, apply_lora
 from rskd_jax.models.layers import Linear
 
@@ -237,3 +240,34 @@ def test_lora_step_moves_weights_like_the_documented_factor():
     factor = float(jnp.sqrt(jnp.mean(dw**2))) / lr
     assert factor == pytest.approx(0.018, rel=0.05)
     assert 1e-6 < lr * factor < 1e-5 and 5e-6 * factor < 1e-7
+
+
+def test_check_config_and_the_cli_refuse_before_loading_anything(tmp_path):
+    """The named trainable subsets are checked on the config alone; launch/train.py stops with one line and
+    status 2 before it reads a checkpoint (the preset's checkpoint paths are empty here)."""
+    c = distill_config.get_config("geochat13b_to_7b")
+    check_config(c)  # the preset as shipped
+    c.loss.weights["feat_proj"] = 1.0
+    with pytest.raises(ConfigError, match=r"loss\.weights\.feat_proj=1"):
+        check_config(c)
+    c.trainable = "all"  # the projector trains: accepted
+    check_config(c)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "launch" / "train.py"),
+            "--config",
+            str(root / "configs" / "distill.py") + ":geochat13b_to_7b",
+            "--config.loss.weights.feat_proj=1.0",
+            f"--workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: config loss.weights.feat_proj=1: with trainable='lora'"), lines[-3:]
+    assert "Traceback" not in out.stderr

@@ -20,6 +20,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 FEATURE_TERMS = ("feat_image", "feat_text", "feat_proj")
+# student parameter paths each named trainable subset keeps (a regex is checked when the step is built)
+NAMED_SUBSETS = {
+    "lora": ("model/llm/layers/q_proj/lora_a",),
+    "all": ("model/llm/layers/q_proj/kernel", "model/projector/linear_1/kernel"),
+    "all+vision": ("model/llm/layers/q_proj/kernel", "model/projector/linear_1/kernel", "model/vision/x"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration the step refuses; the CLIs print its one-line message and exit with status 2."""
 
 
 def reached_prefixes(term: str, shared_vision: bool) -> tuple[str, ...]:
@@ -43,9 +53,21 @@ def check_feature_terms(weights: dict, trainable_paths: Iterable[str], trainable
             own = (lambda m: m == "proj") if term == "feat_proj" else (lambda m: m.startswith("layer"))
             maps = sorted({p.split("/")[1] for p in paths if p.startswith("maps/") and own(p.split("/")[1])})
             shared = " and shared_vision=True" if shared_vision else ""
-            raise ValueError(
+            raise ConfigError(
                 f"config loss.weights.{term}={w:g}: with trainable={trainable!r}{shared}, no student parameter "
                 f"this term reaches ({', '.join(p.rstrip('/') for p in prefixes)}) is trainable, so it would "
                 f"only train its feature map(s) {maps}, which export discards (and its gradients would still "
                 f"count in the global-norm clip); set loss.weights.{term}=0 or make those parameters trainable"
             )
+
+
+def check_config(config) -> None:
+    """The same rule on a distillation config, before any model is loaded, for the named trainable subsets
+    (`lora`, `all`, `all+vision`); a regex subset is checked when the step is built."""
+    paths = NAMED_SUBSETS.get(config.get("trainable", "all"))
+    if paths is None:
+        return
+    weights = dict(config.loss.weights)
+    maps = ["maps/proj/w"] if float(weights.get("feat_proj", 0.0)) > 0 else []
+    maps += [f"maps/layer{i}/w" for i, _ in enumerate(config.loss.get("feature_layers", ()))]
+    check_feature_terms(weights, [*paths, *maps], config.trainable, bool(config.get("shared_vision", False)))
