@@ -9,7 +9,9 @@ r"""Distillation configs (big_vision style).
 
 Every knob of the method lives here: loss weights, sampling (alpha, temperature, top-k/p, max new tokens), the
 trainable subset, optimiser, mesh, checkpointing and evaluation. Defaults for the paper's setting follow MiniLLM
-(alpha 0.2, clip 0.2, lr 5e-6, AdamW betas (0.9, 0.95), grad-clip 1.0, cosine decay); the tiny presets pick their own.
+(alpha 0.2, clip 0.2, AdamW betas (0.9, 0.95), grad-clip 1.0, cosine decay), except the learning rate: the
+student trains LoRA adapters, at GeoChat's LoRA lr 2e-4 (MiniLLM's 5e-6 is for full fine-tuning); the tiny
+presets pick their own.
 """
 
 import ml_collections
@@ -164,9 +166,16 @@ def get_config(arg=None):
         )
         c.sampling.update(max_new_tokens=256)
         c.loss.feature_layers = ((-1, -1),)
-        c.loss.weights = dict(rkl=1.0, pg=1.0, feat_image=1.0, feat_text=1.0, feat_proj=1.0, sft=0.5, fkl=0.5)
+        # feat_proj 0: the student's projector and CLIP tower are frozen here (LoRA on the LLM, shared vision),
+        # so that term would only train its feature map, which export discards (refused by the step's check).
+        c.loss.weights = dict(rkl=1.0, pg=1.0, feat_image=1.0, feat_text=1.0, feat_proj=0.0, sft=0.5, fkl=0.5)
+        # lr 2e-4: GeoChat's own LoRA lr for these adapters (r 64, alpha 16; scripts/finetune_lora.sh). MiniLLM's
+        # 5e-6 is a FULL fine-tuning lr: through a LoRA adapter (scale alpha/r = 0.25, A ~ U(±1/sqrt(d)), B = 0)
+        # one Adam step of size lr moves W by about 0.25 * sqrt(64) * lr / sqrt(3 * 4096) = 0.018 * lr, so
+        # 5e-6 would move the 7B weights ~55x less than MiniLLM's full fine-tuning; 2e-4 moves them by
+        # ~3.6e-6 per step, MiniLLM's order of magnitude (docs/distill.md, "Learning rate with LoRA").
         c.optim.update(
-            lr=5e-6, warmup_steps=100, schedule="cosine", end_lr_factor=0.0, weight_decay=1e-6, grad_accum=2
+            lr=2e-4, warmup_steps=100, schedule="cosine", end_lr_factor=0.0, weight_decay=1e-6, grad_accum=2
         )
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.eval.update(limit=0, max_new_tokens=256)

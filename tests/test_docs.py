@@ -41,6 +41,7 @@ CHECKED_DOCS = (
     "docs/data.md",
     "docs/distill.md",
     "docs/config_reference.md",
+    "docs/reproduce.md",
 )
 LINKED_DOCS = sorted({"README.md", *(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))})
 NOTEBOOKS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("*.ipynb"))

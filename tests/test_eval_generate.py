@@ -6,10 +6,12 @@ the batch is left-padded), tokenized by a small SentencePiece tokenizer trained 
 equal outputs also check that padding and bucketing change nothing.
 """
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from test_models_testlib import llava_from_hf, randomize_
 
 from rskd_jax.data import ExampleTransform, SynthSource
@@ -82,3 +84,44 @@ def test_decode_stops_at_eos_and_cleans(setup):
     assert clean_text("  a ship </s></s> ") == "a ship"
     with pytest.raises(ValueError, match="left-padded"):
         gen.generate_ids(np.array([[4, 5, 0]]), np.array([[1, 1, 0]]))
+
+
+class _CountingModel(nnx.Module):
+    """Delegates to a model and counts, at run time (a host callback inside the compiled loop), how many
+    forwards the decode runs: 1 prefill + 1 per loop iteration."""
+
+    def __init__(self, model, calls: list):
+        self.model, self.cfg = model, model.cfg
+        self._calls = calls
+
+    def init_cache(self, *a, **kw):
+        return self.model.init_cache(*a, **kw)
+
+    def __call__(self, *a, **kw):
+        jax.debug.callback(lambda: self._calls.append(1))
+        return self.model(*a, **kw)
+
+
+def test_batched_decoding_stops_when_every_row_has_finished(setup):
+    """With max_new_tokens=256 (the eval default, GeoChat's), a batch whose rows all emit EOS by step k runs
+    k decode iterations, not 256: the while loop exits early (counted by a callback in the forward)."""
+    tok, _, _, model, batch = setup
+    ids, mask, px = batch["prompt_ids"][:1], batch["prompt_mask"][:1], batch["pixel_values"][:1]
+    ref, _ = Generator(model, tok, STEPS, batch_size=1, eos_id=-1).generate_ids(ids, mask, px)  # no EOS
+    k = 4
+    eos = int(ref[0, k - 1])
+    first = int(np.flatnonzero(ref[0] == eos)[0]) + 1  # row stops at the first copy of that token (<= k)
+    rows = lambda x: np.repeat(x, 3, axis=0)  # three rows, each finishing at step `first`
+    calls: list = []
+    gen = Generator(_CountingModel(model, calls), tok, 256, batch_size=3, eos_id=eos)
+    tokens, lengths = gen.generate_ids(rows(ids), rows(mask), rows(px))
+    jax.effects_barrier()
+    assert (lengths == first).all() and first <= k
+    np.testing.assert_array_equal(tokens[:, :first], rows(ref[:, :first]))
+    assert (tokens[:, first:] == gen.pad_id).all() and tokens.shape == (3, 256)
+    assert len(calls) == 1 + first  # prefill + one forward per generated token; 257 without early stop
+    # and a row that never finishes runs the whole budget
+    calls.clear()
+    Generator(_CountingModel(model, calls), tok, 40, batch_size=1, eos_id=-1).generate_ids(ids, mask, px)
+    jax.effects_barrier()
+    assert len(calls) == 1 + 40

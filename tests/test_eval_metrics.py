@@ -102,6 +102,7 @@ def test_vqa_scores_micro_and_macro():
     r = M.vqa_scores(preds, gts, types)
     assert r["per_type"] == {"presence": 75.0, "comparison": 50.0, "rural_urban": 100.0, "count": 50.0}
     assert r["moa_micro"] == pytest.approx(100 * 5 / 7)  # pooled: GeoChat's "average accuracy"
+    assert r["moa"] == r["moa_micro"] and "paper" in r["moa_convention"]  # the headline is the pooled one
     assert r["moa_macro"] == pytest.approx((75 + 50 + 100) / 3)  # mean of types
     assert r["moa_types"] == ["presence", "comparison", "rural_urban"]
     assert r["n_per_type"]["count"] == 2 and r["n"] == 9
@@ -259,3 +260,16 @@ def test_meteor_without_java_says_so(monkeypatch):
     monkeypatch.setattr(M.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="Java runtime"):
         M.MeteorScorer()
+
+
+def test_headline_moa_is_the_pooled_average_the_paper_reports():
+    """Paper Table 5, GeoChat-7B on HRBEN: presence 57.65, comparison 80.84, mOA 70.63. Rebuilt with the
+    presence share 0.44 all its rows imply (4400 presence, 5600 comparison questions), the pooled accuracy
+    gives the paper's mOA; the mean of the two types (69.25) does not."""
+    n_p, n_c = 4400, 5600
+    ok_p, ok_c = round(0.5765 * n_p), round(0.8084 * n_c)
+    preds = ["yes"] * ok_p + ["no"] * (n_p - ok_p) + ["yes"] * ok_c + ["no"] * (n_c - ok_c)
+    gts = ["yes"] * (n_p + n_c)
+    r = M.vqa_scores(preds, gts, ["presence"] * n_p + ["comp"] * n_c)
+    assert r["moa"] == pytest.approx(70.63, abs=0.02)
+    assert r["moa_macro"] == pytest.approx(69.25, abs=0.02)

@@ -49,12 +49,13 @@ def test_markdown_report_layout_and_delta(tmp_path):
     md = report.comparison_report(*results.values())
     assert "### Scene classification" in md
     assert "| model | UCMerced OA | UCMerced AA | AID OA | AID AA |" in md
-    moa = "mOA (pooled) | mOA (mean of types)"
+    moa = "mOA (pooled, paper) | mean of types (not the paper's)"
     assert f"| model | presence | comparison | rural/urban | {moa} | count (not in mOA) |" in md
     assert "### VQA: HRBEN" in md and f"| model | presence | comparison | {moa} |" in md
     assert "| model | acc@0.5 | acc@0.25 | mean IoU (%) |" in md
     assert "| model | ROUGE-1 | ROUGE-L | METEOR |" in md
     assert "params (M, paper)" in md and "6760.72" in md
+    assert "mOA (pooled, paper) = correct / questions" in md  # which mOA the paper uses, stated
     # rows: scene OA of the three models, and the after − before delta
     lines = md.splitlines()
     scene = lines[lines.index("| model | UCMerced OA | UCMerced AA | AID OA | AID AA |") + 2 :][:4]

@@ -278,6 +278,9 @@ def test_synth_all_smoke_run_eval(tok_dir, tmp_path):
     assert n == 16 == sum(m["n"] for m in res.values())
 
 
+PAPER_T8 = {"geochat_7b": (6760.72, 6904.53), "geochat_13b": (13048.66, 13377.05)}
+
+
 def test_params_cli_prints_paper_count_without_weights(tmp_path):
     out = subprocess.run(
         [
@@ -293,8 +296,12 @@ def test_params_cli_prints_paper_count_without_weights(tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    row = next(line for line in out.stdout.splitlines() if line.startswith("| geochat_7b "))
-    assert "| 6760.72 |" in row
+    rows = {n: next(ln for ln in out.stdout.splitlines() if ln.startswith(f"| {n} ")) for n in PAPER_T8}
+    for name, (params_m, paper_gflops) in PAPER_T8.items():  # the paper's Table 8
+        cells = [c.strip() for c in rows[name].split("|")[1:-1]]
+        assert cells[4] == f"{params_m:.2f}"
+        assert float(cells[6]) == pytest.approx(paper_gflops, rel=1e-3)  # paper convention, within 0.1 %
+    assert "GFLOPs (paper) = " in out.stdout and "GFLOPs (full) = " in out.stdout  # both explained
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     assert peak_gib < 4  # 7B weights in float32 would be ~27 GiB: nothing was allocated
     assert (

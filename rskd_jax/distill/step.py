@@ -31,6 +31,7 @@ from flax import nnx
 
 from rskd_jax.distill import losses as L
 from rskd_jax.distill import rollout as R
+from rskd_jax.distill.checks import check_feature_terms
 
 
 # ----------------------------------------------------------------------------------------------- containers
@@ -252,9 +253,17 @@ def _packed_view(batch, ro: R.Rollout):
     return ids_all, jnp.concatenate([gt_pos, resp_pos], 1), mask, predict, bad
 
 
+DROPOUT_STREAM = 0x44524F50  # fold_in constant: the LoRA-dropout key, derived from the step's RNG
+
+
 def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepSpec):
-    """Total weighted loss and metrics for one micro-batch. `teacher` may be None for SFT."""
+    """Total weighted loss and metrics for one micro-batch. `teacher` may be None for SFT.
+
+    `rng` drives the rollout's sampling and, through `fold_in(rng, DROPOUT_STREAM)`, the LoRA dropout of the
+    student's training forwards (the only place dropout is active: the rollout, the teacher, evaluation and
+    export run without it). Both derive from the step's RNG in the train state, so a resumed run is exact."""
     model = student.model
+    drop = jax.random.fold_in(rng, DROPOUT_STREAM)
     metrics, total = {}, jnp.float32(0.0)
     tv = sv = None
     if spec.shared_vision and teacher is not None and "pixel_values" in batch:
@@ -288,9 +297,16 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
         )
         ro = jax.tree.map(frozen, ro)
 
-        def response_view(m, vision):  # hidden states predicting the response, prompt + response forward
+        def response_view(m, vision, dropout_rng=None):  # hidden states predicting the response
             ids, mask, pos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
-            out = m(ids, pix, attention_mask=mask, vision_features=vision, compute_logits=False)
+            out = m(
+                ids,
+                pix,
+                attention_mask=mask,
+                vision_features=vision,
+                compute_logits=False,
+                dropout_rng=dropout_rng,
+            )
             return _gather_positions(out.last_hidden, pos)
 
         if gt_terms and spec.pack_views:
@@ -303,7 +319,7 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
                 last_hidden=out.last_hidden[:, :t_len],
                 hidden_states={i: x[:, :t_len] for i, x in out.hidden_states.items()},
             )
-            s_all = model(ids, pix, vision_features=sv, return_hidden=s_layers, **kw)
+            s_all = model(ids, pix, vision_features=sv, return_hidden=s_layers, dropout_rng=drop, **kw)
             s_resp, s_gt = gather(s_all), head(s_all)
             if need_t_gt:  # the teacher packed as well
                 t_all = frozen(teacher(ids, pix, vision_features=tv, return_hidden=t_layers, **kw))
@@ -311,7 +327,7 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
             else:  # the teacher is needed on the response view only
                 t_resp = frozen(response_view(teacher, tv))
         else:
-            s_resp, t_resp = response_view(model, sv), frozen(response_view(teacher, tv))
+            s_resp, t_resp = response_view(model, sv, drop), frozen(response_view(teacher, tv))
         rmask = ro.mask
         rewards = (ro.teacher_logprobs - ro.student_logprobs) * rmask
         adv = jax.lax.stop_gradient(
@@ -372,6 +388,7 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
                 vision_features=sv,
                 compute_logits=False,
                 return_hidden=s_layers,
+                dropout_rng=drop,
             )
             t_out = None
             if need_t_gt:
@@ -489,6 +506,9 @@ def make_train_step(
     t_graphdef, t_state = nnx.split(teacher) if teacher is not None else (None, None)
     if len(jax.tree.leaves(params)) == 0:
         raise ValueError(f"trainable={trainable!r} selects no parameter of the student")
+    if teacher is not None:  # a feature term that would only train its discarded map is refused
+        paths = [path_str(p) for p, _ in nnx.to_flat_state(params)]
+        check_feature_terms(spec.weights, paths, trainable, spec.shared_vision)
 
     def init_fn(p, rng):
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=rng)

@@ -13,6 +13,12 @@ Counting convention (stated once, used everywhere):
 * ``seq_len`` is the LLM sequence length INCLUDING the image tokens; the LM head runs at every position
   unless ``logits_positions`` says otherwise (1 = next-token logits only).
 
+The seed paper's Table 8 uses another convention (``paper_flops``): an LLM-only forward over 512 TEXT tokens
+(decoder layers + LM head at every position, full S×S attention; no CLIP tower, no projector, no image tokens).
+That reproduces its 6904.53 G (GeoChat-7B) and 13377.05 G (GeoChat-13B) within 0.05 % (6903.09 G / 13374.80 G);
+the full count of a real multimodal forward (1296 image tokens + text, CLIP + projector + LLM) is ~2.9× larger.
+``configs/eval.py:params`` prints both.
+
 XLA's ``compiled.cost_analysis()['flops']`` agrees with this on an unrolled model (it adds the elementwise
 ops we leave out and puts exp/tanh under ``transcendentals``); for a model whose layers run under
 ``lax.scan`` XLA counts the loop body ONCE, so it reports roughly one layer instead of all of them.
@@ -25,6 +31,12 @@ from collections.abc import Callable, Mapping
 CONVENTION = (
     "matmul FLOPs only (2*m*n*k): patch embedding, linear layers, attention scores and values "
     "(full S*S unless causal_halved), projector, LM head; seq_len includes image tokens"
+)
+
+PAPER_TEXT_TOKENS = 512
+PAPER_CONVENTION = (
+    "paper Table 8: LLM-only forward over 512 text tokens (decoder layers + LM head at every position, full "
+    "S*S attention, matmul FLOPs 2*m*n*k); no CLIP tower, projector or image tokens"
 )
 
 
@@ -80,6 +92,12 @@ def llm_flops(t, seq_len: int, *, logits_positions: int | None = None, causal_ha
     )
 
 
+def paper_flops(cfg, text_tokens: int = PAPER_TEXT_TOKENS) -> int:
+    """FLOPs in the seed paper's Table 8 convention (``PAPER_CONVENTION``): the LLM alone over ``text_tokens``
+    text tokens, LM head at every position, full S×S attention."""
+    return llm_flops(cfg.text, text_tokens)["total"]
+
+
 def _vision_layers(cfg, which: str) -> int:
     n = cfg.vision.num_layers
     if which == "all":
@@ -131,9 +149,16 @@ def _default_params_fn():
 
 
 def params_flops_metrics(
-    cfg, seq_len: int, params: Mapping[str, int] | None = None, params_fn: Callable | None = None, **flops_kw
+    cfg,
+    seq_len: int,
+    params: Mapping[str, int] | None = None,
+    params_fn: Callable | None = None,
+    paper_text_tokens: int = PAPER_TEXT_TOKENS,
+    **flops_kw,
 ) -> dict:
-    """Report-ready dict(task='params_flops', params, flops, seq_len, flops_convention).
+    """Report-ready dict(task='params_flops', params, flops, seq_len, flops_convention, paper_flops,
+    paper_text_tokens, paper_flops_convention): ``flops`` is the full multimodal forward over ``seq_len``
+    tokens, ``paper_flops`` the paper's Table 8 count (LLM only, ``paper_text_tokens`` text tokens).
 
     ``params`` defaults to ``rskd_jax.models.presets.param_counts(cfg)`` (keys vision, projector, llm,
     paper_total, total; computed on an abstract model, nothing allocated).
@@ -147,31 +172,46 @@ def params_flops_metrics(
         seq_len=seq_len,
         flops_options=dict(flops_kw),
         flops_convention=CONVENTION,
+        paper_flops=paper_flops(cfg, paper_text_tokens),
+        paper_text_tokens=paper_text_tokens,
+        paper_flops_convention=PAPER_CONVENTION,
     )
 
 
 def format_table_8(
-    cfgs: Mapping[str, object], seq_len: int | None = None, *, params_fn: Callable | None = None, **flops_kw
+    cfgs: Mapping[str, object],
+    seq_len: int | None = None,
+    *,
+    params_fn: Callable | None = None,
+    paper_text_tokens: int = PAPER_TEXT_TOKENS,
+    **flops_kw,
 ) -> str:
-    """Paper Table 8 style Markdown: parameters (M) per component and GFLOPs of one forward.
+    """Paper Table 8 style Markdown: parameters (M) per component, GFLOPs in the paper's convention and GFLOPs
+    of the full multimodal forward, with a note saying what each column counts.
 
     ``seq_len`` defaults per model to its image tokens + 64 text tokens (stated in the table caption).
     ``params_fn`` defaults to ``presets.param_counts``.
     """
     params_fn = params_fn or _default_params_fn()
     rows = [
-        "| model | vision (M) | projector (M) | LLM (M) | params (M, paper) | total (M) | seq len | GFLOPs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | vision (M) | projector (M) | LLM (M) | params (M, paper) | total (M) "
+        "| GFLOPs (paper) | seq len | GFLOPs (full) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, cfg in cfgs.items():
         s = seq_len if seq_len is not None else image_tokens(cfg) + 64
         p = params_fn(cfg)
         f = forward_flops(cfg, s, **flops_kw)
         m = [p[k] / 1e6 for k in ("vision", "projector", "llm", "paper_total", "total")]
-        rows.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in m) + f" | {s} | {f['total'] / 1e9:.1f} |")
+        cells = [*(f"{x:.2f}" for x in m), f"{paper_flops(cfg, paper_text_tokens) / 1e9:.2f}", str(s)]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {f['total'] / 1e9:.1f} |")
     note = (
         "\n\nparams (M, paper) = LLM + projector + CLIP position table (CLIP encoder excluded), the seed "
-        "paper's convention. GFLOPs: one forward, matmul FLOPs (2·m·n·k) of CLIP tower + projector + LLM "
+        "paper's convention; total (M) = every weight of the model.\n"
+        f"GFLOPs (paper) = the seed paper's Table 8 convention: an LLM-only forward over {paper_text_tokens} "
+        "text tokens (decoder + LM head at every position, full S×S attention, matmul FLOPs 2·m·n·k); no CLIP "
+        "tower, projector or image tokens.\n"
+        "GFLOPs (full) = one real multimodal forward: matmul FLOPs (2·m·n·k) of CLIP tower + projector + LLM "
         "incl. LM head at every position, full S×S attention; seq len includes the image tokens."
     )
     return "\n".join(rows) + note

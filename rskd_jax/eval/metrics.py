@@ -8,9 +8,11 @@ Conventions (GeoChat ships no scorer except for scene classification; see geocha
 * Scene: robust matching of free text to class names (see ``ClassMatcher``); ``strict=True`` is GeoChat's
   own rule ``answer.replace(' ', '').lower().replace('.', '') == class``. OA = correct / all, AA = mean of
   per-class recall over classes present in the ground truth.
-* VQA: answers normalised (yes/no, rural/urban, number words); mOA is reported both pooled over the kept
-  types (``moa_micro``, GeoChat's "average accuracy") and as the mean of the per-type accuracies
-  (``moa_macro``, what the seed paper's numbers suggest). count/area are reported but not in mOA.
+* VQA: answers normalised (yes/no, rural/urban, number words). The headline ``moa`` is the accuracy POOLED
+  over the kept types (= ``moa_micro``): GeoChat's "average accuracy", and what the seed paper's Table 5
+  reports (every HRBEN row fits 0.440·presence + 0.560·comparison, e.g. 0.440·57.65 + 0.560·80.84 = 70.63,
+  while the mean of types would give 69.25). The mean of the per-type accuracies (``moa_macro``) is
+  reported next to it, not used by the paper. count/area are reported but not in mOA.
 * Grounding: a sample is correct at threshold t when its predicted boxes can be matched one-to-one to ALL
   ground-truth boxes with IoU >= t (maximum bipartite matching via the Hungarian algorithm on the
   thresholded IoU matrix, i.e. exact); extra predicted boxes are not penalised; no parsable box = miss.
@@ -220,7 +222,8 @@ def vqa_scores(
     strict: bool = False,
     moa_types: Sequence[str] = MOA_TYPES,
 ) -> dict:
-    """Per-type accuracy and mOA (micro = pooled over ``moa_types``, macro = mean of their accuracies).
+    """Per-type accuracy and mOA: ``moa`` (headline) = ``moa_micro`` = pooled over ``moa_types`` (the paper's
+    Table 5 convention), ``moa_macro`` = mean of their accuracies (for comparison only).
 
     ``types`` are RSVQA / GeoChat-Bench categories (``comp`` is read as ``comparison``); unknown types are
     kept under their own name. ``strict=True`` uses the community GeoChat rule
@@ -240,11 +243,14 @@ def vqa_scores(
         correct[t] = correct.get(t, 0) + int(ok)
     kept = [t for t in moa_types if t in count]
     per_type = {t: _pct(correct[t], count[t]) for t in count}
+    pooled = _pct(sum(correct[t] for t in kept), sum(count[t] for t in kept))
     return dict(
         task="vqa",
         per_type=per_type,
         n_per_type=dict(count),
-        moa_micro=_pct(sum(correct[t] for t in kept), sum(count[t] for t in kept)),
+        moa=pooled,
+        moa_convention="pooled over the kept types (correct / questions): the paper's Table 5 mOA",
+        moa_micro=pooled,
         moa_macro=float(np.mean([per_type[t] for t in kept])) if kept else None,
         moa_types=kept,
         n=len(preds),

@@ -99,8 +99,8 @@ def _vqa(results, delta):
         header = [
             "model",
             *[t.replace("_", "/") for t in kept],
-            "mOA (pooled)",
-            "mOA (mean of types)",
+            "mOA (pooled, paper)",
+            "mean of types (not the paper's)",
             *[f"{t} (not in mOA)" for t in extra],
         ]
         rows = [
@@ -108,14 +108,18 @@ def _vqa(results, delta):
                 n,
                 [
                     *[m.get("per_type", {}).get(t) for t in kept],
-                    m.get("moa_micro"),
+                    m.get("moa", m.get("moa_micro")),
                     m.get("moa_macro"),
                     *[m.get("per_type", {}).get(t) for t in extra],
                 ],
             )
             for n, m in ms.items()
         ]
-        out += [f"### VQA: {d} (accuracy %)", _table(header, rows, delta)]
+        note = (
+            "mOA (pooled, paper) = correct / questions over the kept types: the headline, the seed paper's "
+            "Table 5 convention (GeoChat's average accuracy); mean of types = mean of the per-type accuracies."
+        )
+        out += [f"### VQA: {d} (accuracy %)", _table(header, rows, delta), note]
     return out
 
 
@@ -172,17 +176,19 @@ def _params(results, delta):
     out = []
     for d in _datasets(results, "params_flops"):
         keys = ("vision", "projector", "llm", "paper_total", "total")
-        rows, seqs = [], set()
+        rows, seqs, texts = [], set(), set()
         for n in results:
             m = _get(results, n, d)
             p, f = m.get("params", {}), m.get("flops", {})
             if m:
                 seqs.add(m.get("seq_len"))
+                texts.add(m.get("paper_text_tokens"))
             rows.append(
                 (
                     n,
                     [
                         *[None if k not in p else p[k] / 1e6 for k in keys],
+                        None if m.get("paper_flops") is None else m["paper_flops"] / 1e9,
                         None if "total" not in f else f["total"] / 1e9,
                     ],
                 )
@@ -194,12 +200,15 @@ def _params(results, delta):
             "LLM (M)",
             "params (M, paper)",
             "total (M)",
-            "GFLOPs",
+            "GFLOPs (paper)",
+            "GFLOPs (full)",
         ]
+        join = lambda xs: ", ".join(str(x) for x in sorted(xs, key=str))
         note = (
-            f"GFLOPs: one forward at sequence length {', '.join(str(s) for s in sorted(seqs, key=str))} "
-            "(image tokens included), matmul FLOPs only (2·m·n·k). params (M, paper) = LLM + projector + "
-            "CLIP position table."
+            f"GFLOPs (paper): the seed paper's Table 8 convention, an LLM-only forward over {join(texts)} text "
+            "tokens (LM head at every position). GFLOPs (full): one multimodal forward (CLIP + projector + LLM) "
+            f"at sequence length {join(seqs)} (image tokens included). Both count matmul FLOPs only "
+            "(2·m·n·k). params (M, paper) = LLM + projector + CLIP position table."
         )
         out += [f"### Parameters and FLOPs: {d}", _table(header, rows, delta), note]
     return out

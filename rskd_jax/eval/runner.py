@@ -503,7 +503,12 @@ def run_eval(c) -> dict:
 
     out_dir = pathlib.Path(c.out_dir or f"runs/eval/{c.preset}")
     if c.preset == "params":
-        return params_report(c.models, out_dir, seq_len=c.get("seq_len") or None)
+        return params_report(
+            c.models,
+            out_dir,
+            seq_len=c.get("seq_len") or None,
+            paper_text_tokens=c.get("paper_text_tokens", 512),
+        )
     tok_dir = c.tokenizer or c.checkpoint
     if not tok_dir and c.preset == "synth":
         tok_dir = out_dir / "tokenizer"
@@ -569,18 +574,24 @@ def smoke_config(preset: str, tok, image_size: int | None = None, **overrides):
     )
 
 
-def params_report(models: Sequence[str] | str, out_dir=None, seq_len: int | None = None) -> dict:
-    """Paper Table 8 for model presets (abstract models: nothing is allocated); prints it, writes
-    `params.{md,json}` into out_dir when given."""
+def params_report(
+    models: Sequence[str] | str, out_dir=None, seq_len: int | None = None, paper_text_tokens: int = 512
+) -> dict:
+    """Paper Table 8 for model presets (abstract models: nothing is allocated): parameters, FLOPs in the
+    paper's convention and of the full forward; prints it, writes `params.{md,json}` into out_dir when given."""
     from rskd_jax.eval import flops, report
     from rskd_jax.models import get_preset
 
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
     cfgs = {n: get_preset(n) for n in names}
-    table = flops.format_table_8(cfgs, seq_len)
+    table = flops.format_table_8(cfgs, seq_len, paper_text_tokens=paper_text_tokens)
     print(table)
     results = {
-        n: {"params_flops": flops.params_flops_metrics(cfg, seq_len or flops.image_tokens(cfg) + 64)}
+        n: {
+            "params_flops": flops.params_flops_metrics(
+                cfg, seq_len or flops.image_tokens(cfg) + 64, paper_text_tokens=paper_text_tokens
+            )
+        }
         for n, cfg in cfgs.items()
     }
     if out_dir is not None:

@@ -23,6 +23,7 @@ from flax import nnx
 
 from rskd_jax import build
 from rskd_jax.distill import step as S
+from rskd_jax.distill.checks import check_config
 from rskd_jax.parallel import mesh as mesh_lib
 from rskd_jax.parallel import multihost
 from rskd_jax.train import loop
@@ -319,6 +320,8 @@ def copy_model(model):
 
 def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes=None, process_id=None):
     setup_logging()
+    if config.get("mode") != "sft":  # refused configurations fail before any model is loaded
+        check_config(config)
     multihost.initialize(coordinator, num_processes, process_id)
     t0 = time.perf_counter()
     ctx = prepare(config, workdir)
