@@ -21,10 +21,11 @@ USAGE_EXIT, FAILURE_EXIT = 2, 1
 
 def _usage_errors() -> tuple[type, ...]:
     """Exceptions that mean "the input is wrong" (exit 2). ValueError covers DataError, ConversionError and
-    CheckpointMismatchError; OSError subclasses that name a path the user gave."""
+    CheckpointMismatchError; KeyError is what configs/ and the launchers raise for a config value that names
+    nothing (a preset, a data.name); OSError subclasses that name a path the user gave."""
     from absl import app  # noqa: PLC0415
 
-    return (app.UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+    return (app.UsageError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _failures() -> tuple[type, ...]:
@@ -113,7 +114,7 @@ def closest_keys(config, dotted: str, n: int = 3) -> list[str]:
     keys = [
         k
         for k in config_keys(config)
-        if (len(leaf) >= 3 and leaf in leaf_of(k)) or difflib.SequenceMatcher(None, leaf, leaf_of(k)).ratio() >= 0.6
+        if (len(leaf) >= 3 and leaf in leaf_of(k)) or difflib.SequenceMatcher(None, leaf, leaf_of(k)).ratio() >= 0.5
     ]
     return sorted(keys, key=rank)[:n]
 
@@ -147,6 +148,22 @@ def diagnose_config_override(flag_values, argv: list[str]) -> str | None:
     return None
 
 
+def _parse_failure(e: BaseException, flags, argv: list[str]) -> str:
+    """One line for a flag-parsing failure that is not an unknown config key: absl's own message names the
+    flag; for a config file that failed to load, the innermost error prefixed with the file."""
+    if isinstance(e, flags.Error):
+        return " ".join(str(e).split())
+    *_, root = _chain(e)  # e.g. the FileNotFoundError / SyntaxError under "failed to load"
+    why = " ".join((str(root).strip() or type(root).__name__).split())
+    if isinstance(root, KeyError | AttributeError) and root.args:
+        why = f"{type(root).__name__}: {root.args[0]}"
+    for name, flag in _config_flags(flags.FLAGS).items():
+        arg = _config_argument(name, flag, argv)
+        if arg and arg.split(":")[0] not in why:
+            why = f"--{name}={arg}: {why}"
+    return why
+
+
 # --------------------------------------------------------------------------------------------- running
 def _pop_verbose(argv: list[str]) -> bool:
     verbose = VERBOSE_FLAG in argv
@@ -178,10 +195,7 @@ def run_app(main):
             if verbose:
                 traceback.print_exception(e)
             if why is None:
-                *_, root = _chain(e)  # e.g. the FileNotFoundError / SyntaxError under "failed to load"
-                why = " ".join((str(root).strip() or type(root).__name__).split())
-                if isinstance(root, KeyError | AttributeError) and root.args:
-                    why = f"{type(root).__name__}: {root.args[0]}"
+                why = _parse_failure(e, flags, argv)
             print(f"{prog}: error: {why}", file=sys.stderr, flush=True)
             sys.exit(USAGE_EXIT)
 

@@ -504,6 +504,7 @@ def run_eval(c) -> dict:
     out_dir = pathlib.Path(c.out_dir or f"runs/eval/{c.preset}")
     if c.preset == "params":
         return params_report(c.models, out_dir, seq_len=c.get("seq_len") or None)
+    sources = build_sources(c)  # bad data is reported before a model is loaded
     tok_dir = c.tokenizer or c.checkpoint
     if not tok_dir and c.preset == "synth":
         tok_dir = out_dir / "tokenizer"
@@ -529,7 +530,7 @@ def run_eval(c) -> dict:
     results = evaluate(
         model,
         tok,
-        build_sources(c),
+        sources,
         tasks=tuple(c.tasks),
         image_size=c.image_size or None,
         max_len=c.max_len or None,
