@@ -9,6 +9,7 @@ readable checkpoint) with one line and status 1. `--verbose` (any launcher) show
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import sys
@@ -25,7 +26,15 @@ def _usage_errors() -> tuple[type, ...]:
     nothing (a preset, a data.name); OSError subclasses that name a path the user gave."""
     from absl import app  # noqa: PLC0415
 
-    return (app.UsageError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+    return (
+        app.UsageError,
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    )
 
 
 def _failures() -> tuple[type, ...]:
@@ -109,12 +118,17 @@ def closest_keys(config, dotted: str, n: int = 3) -> list[str]:
 
     def rank(k):
         same_parent = k.rpartition(".")[0] == parent
-        return (not same_parent, leaf not in leaf_of(k), -difflib.SequenceMatcher(None, leaf, leaf_of(k)).ratio())
+        return (
+            not same_parent,
+            leaf not in leaf_of(k),
+            -difflib.SequenceMatcher(None, leaf, leaf_of(k)).ratio(),
+        )
 
     keys = [
         k
         for k in config_keys(config)
-        if (len(leaf) >= 3 and leaf in leaf_of(k)) or difflib.SequenceMatcher(None, leaf, leaf_of(k)).ratio() >= 0.5
+        if (len(leaf) >= 3 and leaf in leaf_of(k))
+        or difflib.SequenceMatcher(None, leaf, leaf_of(k)).ratio() >= 0.5
     ]
     return sorted(keys, key=rank)[:n]
 
@@ -141,10 +155,7 @@ def diagnose_config_override(flag_values, argv: list[str]) -> str | None:
             continue
         near = closest_keys(config, missing)
         hint = f"; closest valid keys: {', '.join(near)}" if near else ""
-        return (
-            f"unknown config key {missing!r} in --{m.group(1)}.{m.group(2)}: not in "
-            f"{arg}{hint}"
-        )
+        return f"unknown config key {missing!r} in --{m.group(1)}.{m.group(2)}: not in {arg}{hint}"
     return None
 
 
@@ -172,6 +183,27 @@ def _pop_verbose(argv: list[str]) -> bool:
     return verbose
 
 
+class _NoLibraryTracebacks(logging.Filter):
+    """Keeps the message line of other libraries' log records but drops their tracebacks (orbax logs every
+    failed background write with one; the run's own error line says what happened). --verbose keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("rskd_jax"):
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def quiet_library_tracebacks() -> None:
+    """Installs the filter above on the root handlers, and reports exceptions that background threads leave
+    unraised at exit (asyncio's "Event loop is closed" after a failed save) as one line."""
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoLibraryTracebacks) for f in h.filters):
+            h.addFilter(_NoLibraryTracebacks())
+    sys.unraisablehook = lambda u: print(
+        f"(ignored at exit: {type(u.exc_value).__name__}: {u.exc_value})", file=sys.stderr
+    )
+
+
 def prog_name() -> str:
     return os.path.basename(sys.argv[0]) or "rskd"
 
@@ -188,7 +220,7 @@ def run_app(main):
         try:
             rest = flags.FLAGS(argv)
             for name in _config_flags(flags.FLAGS):  # a config file that failed to load says so on access
-                getattr(getattr(flags.FLAGS, name), "keys")
+                getattr(flags.FLAGS, name).keys()
             return rest
         except Exception as e:  # noqa: BLE001 - any failure to parse the flags is a usage error
             why = diagnose_config_override(flags.FLAGS, argv)
@@ -200,6 +232,8 @@ def run_app(main):
             sys.exit(USAGE_EXIT)
 
     def guarded(argv):
+        if not verbose:
+            quiet_library_tracebacks()
         try:
             return main(argv)
         except Exception as e:  # noqa: BLE001 - classified by report()

@@ -7,7 +7,6 @@ script to LAUNCHERS and its rows to CASES; `NOT_APPLICABLE` lists the classes a 
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
@@ -65,20 +64,35 @@ CASES = {
     ),
     # ----------------------------------------------------------------------------------------------- eval
     ("eval", "missing file"): Case(
-        ("--config", "configs/eval.py:scene", "--config.checkpoint=/nonexistent/ckpt", "--config.data_dir=/nonexistent/ucm"),
+        (
+            "--config",
+            "configs/eval.py:scene",
+            "--config.checkpoint=/nonexistent/ckpt",
+            "--config.data_dir=/nonexistent/ucm",
+        ),
         ("/nonexistent/",),
     ),
     ("eval", "unreadable file"): Case(
-        ("--config", "configs/eval.py:grounding", flag("--config.data_dir=", "garbage.jsonl"), "--config.checkpoint=/x"),
+        (
+            "--config",
+            "configs/eval.py:grounding",
+            flag("--config.data_dir=", "garbage.jsonl"),
+            "--config.checkpoint=/x",
+        ),
         ("garbage.jsonl",),
     ),
-    ("eval", "wrong key"): Case(("--config", "configs/eval.py:scene", "--config.limt=3"), ("'limt'", "limit")),
-    ("eval", "wrong shape"): Case(
-        ("--config", "configs/eval.py:synth", "--config.tasks=3"), ("tasks",)
+    ("eval", "wrong key"): Case(
+        ("--config", "configs/eval.py:scene", "--config.limt=3"), ("'limt'", "limit")
     ),
+    ("eval", "wrong shape"): Case(("--config", "configs/eval.py:synth", "--config.tasks=3"), ("tasks",)),
     ("eval", "wrong type"): Case(("--config", "configs/eval.py:scene", "--config.limit=all"), ("limit",)),
     ("eval", "empty dataset"): Case(
-        ("--config", "configs/eval.py:caption", flag("--config.data_dir=", "empty.jsonl"), "--config.checkpoint=/x"),
+        (
+            "--config",
+            "configs/eval.py:caption",
+            flag("--config.data_dir=", "empty.jsonl"),
+            "--config.checkpoint=/x",
+        ),
         ("empty.jsonl",),
     ),
     # ----------------------------------------------------------------------------------------------- plan
@@ -91,8 +105,12 @@ CASES = {
     ("convert", "missing file"): Case(("import", "/nonexistent/src", P("dst")), ("/nonexistent/src",)),
     ("convert", "unreadable file"): Case(("inspect", P("garbage_ckpt")), ("garbage_ckpt",)),
     ("convert", "wrong key"): Case(("import", P("src"), P("dst"), "--format=llava2"), ("--format", "llava2")),
-    ("convert", "wrong shape"): Case(("import", P("wrong_shape_ckpt"), P("dst")), ("expected (96, 64), found (80, 64)",)),
-    ("convert", "wrong type"): Case(("import", P("src"), P("dst"), "--image-size=large"), ("--image-size", "large")),
+    ("convert", "wrong shape"): Case(
+        ("import", P("wrong_shape_ckpt"), P("dst")), ("expected (96, 64), found (80, 64)",)
+    ),
+    ("convert", "wrong type"): Case(
+        ("import", P("src"), P("dst"), "--image-size=large"), ("--image-size", "large")
+    ),
     ("convert", "empty dataset"): Case(("import", P("empty_dir"), P("dst")), ("empty_dir",)),
 }
 
@@ -140,13 +158,20 @@ def _wrong_shape_checkpoint(path):
     model.config.save_pretrained(path)
 
 
-@pytest.mark.parametrize("launcher,kind", sorted(CASES), ids=[f"{a}-{b}".replace(" ", "_") for a, b in sorted(CASES)])
+@pytest.mark.parametrize(
+    "launcher,kind", sorted(CASES), ids=[f"{a}-{b}".replace(" ", "_") for a, b in sorted(CASES)]
+)
 def test_bad_input_gives_one_clear_line(launcher, kind, inputs, tmp_path):
     case = CASES[launcher, kind]
     args = [a(inputs) if callable(a) else a for a in case.args]
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run(
-        [sys.executable, LAUNCHERS[launcher], *args], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT
+        [sys.executable, LAUNCHERS[launcher], *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
     )
     err = out.stderr
     assert "Traceback" not in err, err[-3000:]

@@ -2,13 +2,13 @@
 bad-record skipping, evaluation batches."""
 
 import collections
-import os
-import pathlib
-import subprocess
-import sys
 import gc
 import logging
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import grain
 import numpy as np

@@ -451,7 +451,9 @@ def config_flag_problems(doc: str, root: pathlib.Path = ROOT) -> list[str]:
         keys = every if name is None else _config_keys(name, preset)
         if key not in keys:
             near = closest_keys({k: None for k in keys}, key) if "." not in key else []
-            problems.append(f"{where}: --config.{key} is not a key of {name or 'any config'} {preset or ''} {near}")
+            problems.append(
+                f"{where}: --config.{key} is not a key of {name or 'any config'} {preset or ''} {near}"
+            )
     return problems
 
 

@@ -333,7 +333,9 @@ def test_aid_prompt_widths_sized_from_the_data_with_any_tokenizer(tok_dir, tmp_p
     def stub(batch):
         width = batch["prompt_ids"].shape[1]
         assert width >= need and width % 64 == 0
-        return [src.class_names[int(k)] if k >= 0 else "" for k in batch["example_id"]]  # AID: 1 image / class
+        return [
+            src.class_names[int(k)] if k >= 0 else "" for k in batch["example_id"]
+        ]  # AID: 1 image / class
 
     with caplog.at_level("INFO", logger="rskd_jax.eval.lengths"):
         res = runner.evaluate(
@@ -341,5 +343,8 @@ def test_aid_prompt_widths_sized_from_the_data_with_any_tokenizer(tok_dir, tmp_p
             generator=stub, progress=False, meteor=False,
         )  # fmt: skip
     assert res["aid"]["oa"] == pytest.approx(100.0)
-    assert any(f"max_prompt_len={-(-need // 64) * 64} (longest prompt {need} tokens)" in r.getMessage() for r in caplog.records)
+    assert any(
+        f"max_prompt_len={-(-need // 64) * 64} (longest prompt {need} tokens)" in r.getMessage()
+        for r in caplog.records
+    )
     assert eval_config.get_config("scene").max_prompt_len == 0  # configs/eval.py:scene leaves it to the data

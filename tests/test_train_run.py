@@ -5,7 +5,9 @@ corrupt newest checkpoint -> fall back to the previous one; the resumed run ends
 import json
 import os
 import pathlib
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -18,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def train(workdir, *flags, expect_rc=0, stage="distill"):
+def train(workdir, *flags, expect_rc=0, stage="distill", preexec_fn=None):
     cmd = [
         sys.executable,
         str(ROOT / "launch" / "train.py"),
@@ -31,7 +33,9 @@ def train(workdir, *flags, expect_rc=0, stage="distill"):
         *flags,
     ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, preexec_fn=preexec_fn
+    )
     assert out.returncode == expect_rc, (out.returncode, out.stderr[-3000:])
     return out.stderr + out.stdout
 
@@ -103,3 +107,50 @@ def test_kill_and_resume_is_exact(finished_run, tmp_path):
     la, lb = logged(a), logged(b)
     assert la[6] | {"time": 0} == lb[6] | {"time": 0}  # same losses (the window of steps 5-6)
     assert sorted(lb) == [2, 4, 6]  # one entry per logged step after the resumes
+
+
+def copy_run(a, dst):
+    """The finished run's stages, distillation included, copied to `dst`."""
+    for sub in ("tokenizer", "teacher", "student_sft", "distill"):
+        shutil.copytree(a / sub, dst / sub)
+    return dst
+
+
+def test_finished_stage_with_damaged_final_step_restarts_with_more_steps(finished_run, tmp_path):
+    """The issue's case: a finished distillation stage whose final step's array data files are overwritten
+    (what a disk error or a cut-short write leaves), restarted with more steps: the damaged step is set aside
+    with a warning and the run goes on from the previous step to the new end."""
+    c = copy_run(finished_run[0], tmp_path / "c")
+    ckpts = c / "distill" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["3", "6"]
+    data_files = list((ckpts / "6" / "state" / "ocdbt.process_0" / "d").iterdir())
+    assert data_files
+    for f in data_files:
+        f.write_bytes(b"\0" * f.stat().st_size)
+    log = train(c, "--config.total_steps=8")
+    assert "checkpoint step 6 cannot be used" in log and "resumed from step 3" in log, log[-3000:]
+    assert "moved it to" in log and (ckpts / "6.corrupt").is_dir()
+    assert "8" in os.listdir(ckpts) and "6" in os.listdir(ckpts)  # steps 4..8 trained again and saved
+    assert max(logged(c)) == 8
+
+
+def test_failed_save_stops_the_run_with_one_line_and_keeps_checkpoints(finished_run, tmp_path):
+    """Writes fail at the kernel (RLIMIT_FSIZE: no file may grow past 64 kB, so the checkpoint's array data
+    cannot be written): exit status 1, one line saying what to fix, step 3 intact, no step 6 left behind."""
+    d = copy_run(finished_run[0], tmp_path / "d")
+    ckpts = d / "distill" / "checkpoints"
+    shutil.rmtree(ckpts / "6")
+    before = {p.relative_to(ckpts): p.read_bytes() for p in (ckpts / "3").rglob("*") if p.is_file()}
+    assert max(map(len, before.values())) > 64 * 1024  # the limit really stops a checkpoint write
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+    log = train(d, expect_rc=1, preexec_fn=limit_file_size)
+    errors = [ln for ln in log.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    assert "saving checkpoint step 6" in errors[0] and "steps [3]" in errors[0] and "free" in errors[0]
+    assert sorted(os.listdir(ckpts)) == ["3"]  # nothing that looks like a finished (or partial) step
+    after = {p.relative_to(ckpts): p.read_bytes() for p in (ckpts / "3").rglob("*") if p.is_file()}
+    assert after == before

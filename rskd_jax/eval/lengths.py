@@ -32,7 +32,10 @@ def longest(transform, records: Iterable[dict]) -> tuple[int, int]:
             enc = transform.encode_text(r)
         except DataError:
             continue
-        prompt, total = max(prompt, enc.prompt_ends[-1] if enc.prompt_ends else len(enc.ids)), max(total, len(enc.ids))
+        prompt, total = (
+            max(prompt, enc.prompt_ends[-1] if enc.prompt_ends else len(enc.ids)),
+            max(total, len(enc.ids)),
+        )
     return prompt, total
 
 

@@ -364,8 +364,13 @@ class Checkpointer:
             raise CheckpointSaveError(self._save_failure_message(step, e)) from e
 
     def _save_failure_message(self, step: int, e: BaseException) -> str:
-        for wait in (self._mngr.wait_until_finished, self._mngr._non_blocking_metadata_store.wait_until_finished):
-            with contextlib.suppress(Exception):  # let the failed save's other writers stop before cleaning up
+        for wait in (
+            self._mngr.wait_until_finished,
+            self._mngr._non_blocking_metadata_store.wait_until_finished,
+        ):
+            with contextlib.suppress(
+                Exception
+            ):  # let the failed save's other writers stop before cleaning up
                 wait()
         removed = [p.name for p in self.directory.glob(f"{step}{TMP_SUFFIX}*")] if _is_primary() else []
         for name in removed:
