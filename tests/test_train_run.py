@@ -5,9 +5,7 @@ corrupt newest checkpoint -> fall back to the previous one; the resumed run ends
 import json
 import os
 import pathlib
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -20,9 +18,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def train(workdir, *flags, expect_rc=0, stage="distill", preexec_fn=None):
+# Starts the command with SIGXFSZ ignored and no file allowed past argv[1] bytes (both survive exec), so
+# writes past it fail with EFBIG; no preexec_fn (forking this multithreaded process is unsafe).
+LIMIT_FILE_SIZE = (
+    "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY)); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
+
+
+def train(workdir, *flags, expect_rc=0, stage="distill", max_file_bytes=None):
+    limit = [] if max_file_bytes is None else ["-c", LIMIT_FILE_SIZE, str(max_file_bytes)]
     cmd = [
         sys.executable,
+        *limit,
         str(ROOT / "launch" / "train.py"),
         "--config",
         str(ROOT / "configs" / "distill.py") + ":tiny",
@@ -33,9 +42,7 @@ def train(workdir, *flags, expect_rc=0, stage="distill", preexec_fn=None):
         *flags,
     ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, preexec_fn=preexec_fn
-    )
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == expect_rc, (out.returncode, out.stderr[-3000:])
     return out.stderr + out.stdout
 
@@ -142,12 +149,7 @@ def test_failed_save_stops_the_run_with_one_line_and_keeps_checkpoints(finished_
     shutil.rmtree(ckpts / "6")
     before = {p.relative_to(ckpts): p.read_bytes() for p in (ckpts / "3").rglob("*") if p.is_file()}
     assert max(map(len, before.values())) > 64 * 1024  # the limit really stops a checkpoint write
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
-
-    log = train(d, expect_rc=1, preexec_fn=limit_file_size)
+    log = train(d, expect_rc=1, max_file_bytes=64 * 1024)
     errors = [ln for ln in log.splitlines() if "error:" in ln]
     assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
     assert "saving checkpoint step 6" in errors[0] and "steps [3]" in errors[0] and "free" in errors[0]
