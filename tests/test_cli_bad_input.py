@@ -181,3 +181,11 @@ def test_bad_input_gives_one_clear_line(launcher, kind, inputs, tmp_path):
     for name in case.names:
         assert name in lines[0], (name, lines[0])
     assert not (tmp_path / "dst").exists() and not inputs["dst"].exists()  # nothing written for a bad input
+
+
+def test_verbose_shows_the_traceback():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, LAUNCHERS["train"], "--config", DISTILL, "--config.steps=20", "--verbose"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 2 and "Traceback (most recent call last)" in out.stderr, out.stderr[-2000:]
+    assert "unknown config key 'steps'" in out.stderr.splitlines()[-1]
