@@ -49,8 +49,8 @@ def get_config(arg=None):
     c.vqa_split = "test"
     c.tasks = ("scene", "vqa", "grounding", "caption")
     c.image_size = 0  # 0 = the model's own input size
-    c.max_prompt_len = 0  # 0 = image tokens + 256
-    c.max_len = 0  # 0 = max_prompt_len + max_new_tokens
+    c.max_prompt_len = 0  # 0 = the longest prompt of the data, rounded up to a multiple of 64
+    c.max_len = 0  # 0 = the longest of conversation and max_prompt_len + max_new_tokens, rounded up likewise
     c.batch_size = a.batch_size or 8
     # GeoChat's own eval scripts decode up to 256 new tokens (geochat.md §3); a grounding answer with several
     # boxes is longer than 64. Batched decoding stops as soon as every row of a batch has emitted EOS, so short

@@ -76,7 +76,9 @@ def tune_malloc() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    args = parser().parse_args([a for a in argv if a != "--verbose"])
     tune_malloc()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from rskd_jax import convert  # noqa: PLC0415 (after argument parsing: jax start-up)
@@ -117,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     except convert.ConversionError as e:
         print(f"rskd-convert {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - other input errors (unreadable file ...): one line, see rskd_jax.cli
+        from rskd_jax.cli import report  # noqa: PLC0415
+
+        code = report(f"rskd-convert {args.command}", e, verbose)
+        if code is None:
+            raise
+        return code
     return 0
 
 

@@ -4,7 +4,11 @@ bad-record skipping, evaluation batches."""
 import collections
 import gc
 import logging
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import grain
 import numpy as np
@@ -219,3 +223,32 @@ def test_own_memory_copies_batches_out_of_shared_memory(transform):
     assert all(type(b["input_ids"]) is np.ndarray for b in got)
     ref = _take(pipeline.make_iterator(_ds(transform)), 2)
     assert _equal(got, ref)
+
+
+PLAIN_SCRIPT = """
+import sys
+import grain
+import numpy as np
+from rskd_jax.data.pipeline import make_iterator
+
+def square(i):
+    return {"x": np.full((2,), i * i, np.int32)}
+
+if __name__ == "__main__":
+    ds = grain.MapDataset.range(8).map(square).batch(2).to_iter_dataset()
+    it = make_iterator(ds, num_workers=2)
+    got = [b["x"][:, 0].tolist() for b in it]
+    it.close()
+    assert "absl.app" not in sys.modules, "the check needs a process that never went through absl.app"
+    print("BATCHES", got)
+"""
+
+
+def test_workers_from_plain_python_without_absl_app(tmp_path):
+    """A script or notebook that never ran absl.app: grain's workers read absl flags, the library handles it."""
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "BATCHES [[0, 1], [4, 9], [16, 25], [36, 49]]" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -409,3 +409,67 @@ def test_config_reference_lists_every_key_of_every_preset():
                         assert repr(v).replace("|", "\\|") in section, (
                             f"{name}:{preset} {prefix}{k}={v!r} missing"
                         )
+
+
+# --- every `--config.KEY` a doc shows is a key of the config it names
+_CONFIG_ARG = re.compile(r"--config[= ]([^\s\]]+\.py)(?::([\w-]+))?")
+_CONFIG_KEY = re.compile(r"--config\.([a-z_][\w.]*[\w])")
+_INLINE_CODE = re.compile(r"`([^`\n]+)`")
+
+
+def _config_keys(name: str, preset: str | None) -> set[str]:
+    """Every dotted key of configs/<name>.py (one preset, or the union of all of them)."""
+    from rskd_jax.cli import config_keys  # noqa: PLC0415
+
+    gen = _generator()
+    module = gen.load(name)
+    presets = [preset] if preset else gen.presets_and_args(module)[0]
+    return {k for p in presets for k in config_keys(module.get_config(p))}
+
+
+def config_flag_problems(doc: str, root: pathlib.Path = ROOT) -> list[str]:
+    """`--config.KEY` flags of `doc` that name no key: in a command, of the config file and preset the command
+    gives (`--config FILE[:PRESET]`, default: the launcher's); elsewhere (inline code), of any config."""
+    from rskd_jax.cli import closest_keys  # noqa: PLC0415
+
+    text = (root / doc).read_text()
+    every = set().union(*(_config_keys(n, None) for n in _generator().CONFIGS))
+    uses = []  # (where, key, config name or None, preset or None)
+    for m in _FENCE.finditer(text):
+        line_no = text[: m.start()].count("\n") + 1
+        for cmd in textwrap.dedent(m.group(3)).replace("\\\n", " ").splitlines():
+            arg = _CONFIG_ARG.search(cmd)
+            name = pathlib.Path(arg.group(1)).stem if arg else ("eval" if "eval.py" in cmd else "distill")
+            for key in _CONFIG_KEY.findall(cmd):
+                uses.append((f"{doc}:{line_no} {cmd.strip()[:80]}", key, name, arg and arg.group(2)))
+    prose = _FENCE.sub("", text)
+    for code in _INLINE_CODE.findall(prose):
+        uses += [(f"{doc}: `{code}`", key, None, None) for key in _CONFIG_KEY.findall(code)]
+    problems = []
+    for where, key, name, preset in uses:
+        if name is not None and name not in _generator().CONFIGS:
+            continue  # a config file of the user's own
+        keys = every if name is None else _config_keys(name, preset)
+        if key not in keys:
+            near = closest_keys({k: None for k in keys}, key) if "." not in key else []
+            problems.append(
+                f"{where}: --config.{key} is not a key of {name or 'any config'} {preset or ''} {near}"
+            )
+    return problems
+
+
+@pytest.mark.parametrize("doc", LINKED_DOCS)
+def test_config_flags_in_docs_are_real_keys(doc):
+    assert not config_flag_problems(doc), "\n".join(config_flag_problems(doc))
+
+
+def test_config_flag_check_catches_a_wrong_key(tmp_path):
+    """The check above fails on what docs/tpu.md used to say (`--config.steps`; the key is total_steps)."""
+    bad = tmp_path / "bad.md"
+    bad.write_text(
+        "```bash\npython launch/tpu_pod.py run $POD --config configs/distill.py:geochat13b_to_7b \\\n"
+        "    --workdir gs://B/run1 [-- --config.steps=20000 ...]\n```\nand `--config.total_stepz=3`\n"
+    )
+    problems = config_flag_problems("bad.md", tmp_path)
+    assert len(problems) == 2 and "--config.steps is not a key of distill geochat13b_to_7b" in problems[0]
+    assert "total_steps" in problems[0] and "--config.total_stepz" in problems[1], problems

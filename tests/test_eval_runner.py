@@ -310,3 +310,48 @@ def test_params_cli_prints_paper_count_without_weights(tmp_path):
         ]
         == 6_760_723_456
     )
+
+
+# --------------------------------------------------------------------------------- widths sized from the data
+AID_CLASSES = (
+    "Airport BareLand BaseballField Beach Bridge Center Church Commercial DenseResidential Desert Farmland Forest "
+    "Industrial Meadow MediumResidential Mountain Park Parking Playground Pond Port RailwayStation Resort River "
+    "School SparseResidential Square Stadium StorageTanks Viaduct"
+).split()
+
+
+def test_aid_prompt_widths_sized_from_the_data_with_any_tokenizer(tok_dir, tmp_path, caplog):
+    """AID's 30-class prompt is longer than image tokens + 256 with a non-LLaMA tokenizer (the old default
+    stopped at the first image with a DataError); unset widths are now sized from the prompts and logged."""
+    from rskd_jax.data import ExampleTransform
+    from rskd_jax.data.errors import DataError
+
+    for c in AID_CLASSES:
+        _image(tmp_path / "AID" / c / f"{c.lower()}_1.jpg")
+    src = SceneFolderSource(tmp_path / "AID")
+    kw = dict(image_size=32, image_seq_length=16, template="llava_v1")  # evaluate's template
+    probe = ExampleTransform(tok_dir, max_len=4096, max_prompt_len=4096, **kw)
+    need = probe.encode_text(src[0]).prompt_ends[-1]
+    assert need > 16 + 256  # the case of the issue: the old default width is too small
+    old = ExampleTransform(tok_dir, max_len=16 + 256 + 8, max_prompt_len=16 + 256, **kw)
+    with pytest.raises(DataError, match="exceeds max_prompt_len"):
+        old(src[0])
+
+    def stub(batch):
+        width = batch["prompt_ids"].shape[1]
+        assert width >= need and width % 64 == 0
+        return [
+            src.class_names[int(k)] if k >= 0 else "" for k in batch["example_id"]
+        ]  # AID: 1 image / class
+
+    with caplog.at_level("INFO", logger="rskd_jax.eval.lengths"):
+        res = runner.evaluate(
+            None, tok_dir, {"aid": src}, tasks=("scene",), batch_size=8, image_size=32, image_seq_length=16,
+            generator=stub, progress=False, meteor=False,
+        )  # fmt: skip
+    assert res["aid"]["oa"] == pytest.approx(100.0)
+    assert any(
+        f"max_prompt_len={-(-need // 64) * 64} (longest prompt {need} tokens)" in r.getMessage()
+        for r in caplog.records
+    )
+    assert eval_config.get_config("scene").max_prompt_len == 0  # configs/eval.py:scene leaves it to the data

@@ -1,7 +1,9 @@
 """Checkpointer: round trip of nnx model + optax state + RNG key + Grain iterator, mesh restore, keep-N/best,
 corrupt-checkpoint fallback, mismatch errors."""
 
+import errno
 import glob
+import json
 import logging
 import os
 
@@ -20,6 +22,7 @@ from rskd_jax.train.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
     CorruptCheckpointError,
+    is_read_error,
     restore_target,
 )
 
@@ -198,6 +201,19 @@ def _corrupt(step_dir, how):
         for f in files:
             with open(f, "r+b") as fh:
                 fh.truncate(7)
+    elif how == "overwritten_arrays":  # what the issue met: every array data file overwritten, sizes kept
+        files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+        assert files
+        for f in files:
+            with open(f, "r+b") as fh:
+                fh.write(b"\0" * os.path.getsize(f))
+    elif how == "flipped_byte":  # silent damage: reads without error, values differ (caught by the checksums)
+        (f,) = [f for f in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")) if big(f)]
+        with open(f, "r+b") as fh:
+            fh.seek(os.path.getsize(f) // 2)
+            b = fh.read(1)
+            fh.seek(-1, 1)
+            fh.write(bytes([b[0] ^ 0x10]))
     elif how == "garbage_metadata":
         with open(os.path.join(step_dir, "state", "_METADATA"), "w") as fh:
             fh.write("{not json")
@@ -206,8 +222,24 @@ def _corrupt(step_dir, how):
             fh.write("\x00garbage")
 
 
+def big(f):
+    return os.path.getsize(f) > 20000
+
+
+def w_at(s):  # incompressible values: zstd stores them raw, so a flipped byte decodes without an error
+    return jax.random.normal(jax.random.key(s), (3, 2000))
+
+
 @pytest.mark.parametrize(
-    "how", ["no_commit_marker", "truncated_arrays", "garbage_metadata", "garbage_iterator_state"]
+    "how",
+    [
+        "no_commit_marker",
+        "truncated_arrays",
+        "overwritten_arrays",
+        "flipped_byte",
+        "garbage_metadata",
+        "garbage_iterator_state",
+    ],
 )
 def test_corrupt_newest_falls_back_to_previous(tmp_path, how, caplog):
     ck = Checkpointer(tmp_path, max_to_keep=3)
@@ -215,22 +247,24 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, how, caplog):
     batches_at = {}
     for s in (1, 2):
         next(it)
-        ck.save(s, {"w": jnp.full((3,), float(s)), "key": jax.random.key(s)}, data_iter=it)
+        ck.save(s, {"w": w_at(s), "key": jax.random.key(s)}, data_iter=it)
         batches_at[s] = next(make_iter_at(s))
     ck.close()
     _corrupt(str(tmp_path / "2"), how)
 
     ck = Checkpointer(tmp_path, max_to_keep=3)
     target = restore_target(
-        {"w": jax.ShapeDtypeStruct((3,), jnp.float32), "key": jax.eval_shape(lambda: jax.random.key(0))}
+        {"w": jax.ShapeDtypeStruct((3, 2000), jnp.float32), "key": jax.eval_shape(lambda: jax.random.key(0))}
     )
-    with pytest.raises(CorruptCheckpointError, match=str(tmp_path / "2")):
+    with pytest.raises(CorruptCheckpointError, match=str(tmp_path / "2")) as err:
         ck.restore(target, 2, data_iter=make_iter())
+    if how == "flipped_byte":
+        assert "checksums recorded" in str(err.value) and "['w']" in str(err.value)
     it2 = make_iter()
     with caplog.at_level(logging.WARNING, logger="rskd_jax.train.checkpoint"):
         r = ck.restore_latest_valid(target, data_iter=it2)
     assert r is not None and r.step == 1
-    np.testing.assert_array_equal(np.asarray(r.state["w"]), [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(np.asarray(r.state["w"]), np.asarray(w_at(1)))
     np.testing.assert_array_equal(key_data(r.state["key"]), key_data(jax.random.key(1)))
     np.testing.assert_array_equal(next(it2), batches_at[1])
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
@@ -239,8 +273,45 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, how, caplog):
         tmp_path / "2"
     )  # set aside, not deleted
     assert ck.all_steps() == [1]
-    ck.save(2, {"w": jnp.zeros(3), "key": jax.random.key(0)})  # the step number is free again
+    ck.save(2, {"w": jnp.zeros((3, 2000)), "key": jax.random.key(0)})  # the step number is free again
     ck.close()
+
+
+def test_no_readable_step_lists_every_step_and_why(tmp_path):
+    ck = Checkpointer(tmp_path, async_save=False)
+    for s in (1, 2):
+        ck.save(s, {"w": w_at(s)})
+    ck.close()
+    _corrupt(str(tmp_path / "2"), "overwritten_arrays")
+    _corrupt(str(tmp_path / "1"), "no_commit_marker")
+    ck = Checkpointer(tmp_path)
+    with pytest.raises(CorruptCheckpointError) as e:
+        ck.restore_latest_valid(restore_target({"w": jax.ShapeDtypeStruct((3, 2000), jnp.float32)}))
+    msg = str(e.value)
+    assert "tried steps [2, 1]" in msg and "step 2: checkpoint" in msg and "ValueError" in msg
+    assert "step 1: checkpoint" in msg and "missing commit marker" in msg
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # nothing to fall back to: left where they are
+    ck.close()
+
+
+def test_read_errors_are_recognised_by_type_and_cause_not_words():
+    def raised_from(inner, outer=Exception("Encountered error while reading array index")):
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise outer from e
+        except BaseException as e:
+            return e
+
+    assert is_read_error(raised_from(ValueError("OUT_OF_RANGE: byte range")))  # orbax wrapping tensorstore
+    assert is_read_error(raised_from(json.JSONDecodeError("x", "{", 0)))
+    assert is_read_error(raised_from(OSError(errno.EIO, "I/O error")))
+    assert not is_read_error(Exception("DATA_LOSS Error reading Unexpected end"))  # words alone mean nothing
+    assert not is_read_error(raised_from(PermissionError(errno.EACCES, "denied")))  # fix access, keep step
+    assert not is_read_error(raised_from(ConnectionError("reset")))  # transient: keep the step
+    assert not is_read_error(raised_from(TypeError("a bug")))
+    assert not is_read_error(CheckpointMismatchError("shapes"))
 
 
 def make_iter_at(n):

@@ -18,9 +18,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def train(workdir, *flags, expect_rc=0, stage="distill"):
+# Starts the command with SIGXFSZ ignored and no file allowed past argv[1] bytes (both survive exec), so
+# writes past it fail with EFBIG; no preexec_fn (forking this multithreaded process is unsafe).
+LIMIT_FILE_SIZE = (
+    "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY)); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
+
+
+def train(workdir, *flags, expect_rc=0, stage="distill", max_file_bytes=None):
+    limit = [] if max_file_bytes is None else ["-c", LIMIT_FILE_SIZE, str(max_file_bytes)]
     cmd = [
         sys.executable,
+        *limit,
         str(ROOT / "launch" / "train.py"),
         "--config",
         str(ROOT / "configs" / "distill.py") + ":tiny",
@@ -103,3 +114,45 @@ def test_kill_and_resume_is_exact(finished_run, tmp_path):
     la, lb = logged(a), logged(b)
     assert la[6] | {"time": 0} == lb[6] | {"time": 0}  # same losses (the window of steps 5-6)
     assert sorted(lb) == [2, 4, 6]  # one entry per logged step after the resumes
+
+
+def copy_run(a, dst):
+    """The finished run's stages, distillation included, copied to `dst`."""
+    for sub in ("tokenizer", "teacher", "student_sft", "distill"):
+        shutil.copytree(a / sub, dst / sub)
+    return dst
+
+
+def test_finished_stage_with_damaged_final_step_restarts_with_more_steps(finished_run, tmp_path):
+    """The issue's case: a finished distillation stage whose final step's array data files are overwritten
+    (what a disk error or a cut-short write leaves), restarted with more steps: the damaged step is set aside
+    with a warning and the run goes on from the previous step to the new end."""
+    c = copy_run(finished_run[0], tmp_path / "c")
+    ckpts = c / "distill" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["3", "6"]
+    data_files = list((ckpts / "6" / "state" / "ocdbt.process_0" / "d").iterdir())
+    assert data_files
+    for f in data_files:
+        f.write_bytes(b"\0" * f.stat().st_size)
+    log = train(c, "--config.total_steps=8")
+    assert "checkpoint step 6 cannot be used" in log and "resumed from step 3" in log, log[-3000:]
+    assert "moved it to" in log and (ckpts / "6.corrupt").is_dir()
+    assert "8" in os.listdir(ckpts) and "6" in os.listdir(ckpts)  # steps 4..8 trained again and saved
+    assert max(logged(c)) == 8
+
+
+def test_failed_save_stops_the_run_with_one_line_and_keeps_checkpoints(finished_run, tmp_path):
+    """Writes fail at the kernel (RLIMIT_FSIZE: no file may grow past 64 kB, so the checkpoint's array data
+    cannot be written): exit status 1, one line saying what to fix, step 3 intact, no step 6 left behind."""
+    d = copy_run(finished_run[0], tmp_path / "d")
+    ckpts = d / "distill" / "checkpoints"
+    shutil.rmtree(ckpts / "6")
+    before = {p.relative_to(ckpts): p.read_bytes() for p in (ckpts / "3").rglob("*") if p.is_file()}
+    assert max(map(len, before.values())) > 64 * 1024  # the limit really stops a checkpoint write
+    log = train(d, expect_rc=1, max_file_bytes=64 * 1024)
+    errors = [ln for ln in log.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    assert "saving checkpoint step 6" in errors[0] and "steps [3]" in errors[0] and "free" in errors[0]
+    assert sorted(os.listdir(ckpts)) == ["3"]  # nothing that looks like a finished (or partial) step
+    after = {p.relative_to(ckpts): p.read_bytes() for p in (ckpts / "3").rglob("*") if p.is_file()}
+    assert after == before

@@ -178,6 +178,7 @@ def make_iterator(
     process ~10 % of the pipeline's throughput on 2 cores (bench/input.py), so the default is off.
     """
     if num_workers > 0:
+        _absl_flags_ready()
         opts = grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=per_worker_buffer_size
         )
@@ -185,6 +186,16 @@ def make_iterator(
         if own_memory:
             dataset = dataset.map(_own_memory)
     return iter(dataset)
+
+
+def _absl_flags_ready() -> None:
+    """Grain's worker processes read absl flags (e.g. --grain_enable_multiprocess_worker_profiling). Outside an
+    absl app (a script, a notebook) nothing parsed them and the read raises UnparsedFlagAccessError: mark them
+    parsed, i.e. at their defaults. Under absl.app.run they are parsed already and left alone."""
+    from absl import flags  # noqa: PLC0415
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _own_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -114,7 +114,10 @@ def read_json_records(path: str | os.PathLike, bad: BadRecords) -> list[Any]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected JSON") from e
     if path.suffix != ".jsonl":
         try:
             data = json.loads(text)
@@ -170,6 +173,9 @@ class InstructSource(ListSource):
                     "meta": {"source_index": k},
                 }
             )
+        if not records:
+            skipped = f" ({self.bad.count} bad records skipped)" if self.bad.count else ""
+            raise DataError(f"{path}: no usable records{skipped}; expected a list of instruct records")
         super().__init__(records, pathlib.Path(path).stem)
 
 

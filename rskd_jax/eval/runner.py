@@ -251,8 +251,8 @@ def evaluate(
     """Generate and score every selected record of every source -> {dataset key: metrics}.
 
     tokenizer_dir: tokenizer directory or loaded tokenizer. image_size: model input size (default: the model's
-    `cfg.vision.image_size`). max_prompt_len: prompt width (default image tokens + 256); max_len: width of the
-    training-style `input_ids` the transform also builds (default max_prompt_len + max_new_tokens).
+    `cfg.vision.image_size`). max_prompt_len: prompt width; max_len: width of the training-style `input_ids` the
+    transform also builds; unset, both are sized from the records' own text (`rskd_jax.eval.lengths`).
     limit: at most this many records per source (spread evenly, see `select`). out_dir: writes
     `{out_dir}/metrics.{json,md}` (model row `model_name`), `predictions/{key}.jsonl` (id, task, prediction,
     reference) and the PNGs. generator: batch -> texts, replacing greedy generation with `model` (tests, or a
@@ -263,6 +263,7 @@ def evaluate(
 
     from rskd_jax.data import ExampleTransform, eval_batches
     from rskd_jax.eval.generate import Generator, load_tokenizer_any
+    from rskd_jax.eval.lengths import choose_lengths
 
     tok = load_tokenizer_any(tokenizer_dir)
     cfg = model.cfg if model is not None else None
@@ -270,8 +271,15 @@ def evaluate(
         raise ValueError("evaluate: model=None needs a generator, image_size and image_seq_length")
     image_size = image_size or cfg.vision.image_size
     image_seq_length = image_seq_length or cfg.image_seq_length
-    max_prompt_len = max_prompt_len or image_seq_length + 256
-    max_len = max(max_len or max_prompt_len + max_new_tokens, max_prompt_len)
+    max_prompt_len, max_len = choose_lengths(
+        tok,
+        [Subset(s, select(s, tasks, limit)) for s in sources.values()],
+        image_seq_length=image_seq_length,
+        template=template,
+        max_new_tokens=max_new_tokens,
+        max_prompt_len=max_prompt_len,
+        max_len=max_len,
+    )
     transform = ExampleTransform(
         tok,
         image_size=image_size,
@@ -509,6 +517,7 @@ def run_eval(c) -> dict:
             seq_len=c.get("seq_len") or None,
             paper_text_tokens=c.get("paper_text_tokens", 512),
         )
+    sources = build_sources(c)  # bad data is reported before a model is loaded
     tok_dir = c.tokenizer or c.checkpoint
     if not tok_dir and c.preset == "synth":
         tok_dir = out_dir / "tokenizer"
@@ -534,7 +543,7 @@ def run_eval(c) -> dict:
     results = evaluate(
         model,
         tok,
-        build_sources(c),
+        sources,
         tasks=tuple(c.tasks),
         image_size=c.image_size or None,
         max_len=c.max_len or None,

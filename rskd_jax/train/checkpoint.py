@@ -9,25 +9,33 @@ One step directory, `<directory>/<step>/`, holds four items:
 * `meta`   - JSON: caller metadata (teacher path/fingerprint, ...), the step's metrics and the save time.
 
 Saving is asynchronous (`wait()` blocks until the last save is committed). `max_to_keep` newest steps are
-kept, plus the best one by a metric when `keep_best=("metric", "min"|"max")` is given.
+kept, plus the best one by a metric when `keep_best=("metric", "min"|"max")` is given. Each save records a
+checksum of every array in `meta` (computed on device, see `array_checksums`), so a restore detects array
+data that reads without error but is damaged. A save that fails (disk full, no permission, bucket error)
+raises CheckpointSaveError saying what to fix; its partial directory is removed and older steps are kept.
 
 Restores always take an explicit abstract target (ShapeDtypeStructs with concrete shardings) so arrays land
 where the caller wants them, never where they were saved (see `restore_target`). `restore_latest_valid`
-walks back from the newest step, sets corrupt or incomplete step directories aside as `<step>.corrupt`
-with a warning, and restores the newest good one.
+walks back from the newest step and restores the newest readable one; newer unreadable ones are set aside
+as `<step>.corrupt` with a warning. What counts as unreadable is decided by exception type along the cause
+chain (`is_read_error`), never by message text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -38,18 +46,35 @@ log = logging.getLogger(__name__)
 COMMIT_MARKER = "commit_success.txt"
 STEP_METADATA = "_CHECKPOINT_METADATA"
 ITEMS = ("state", "data", "config", "meta")
-# Signs of unreadable bytes (tensorstore status codes and decoder messages) in errors raised by a restore.
-_DATA_ERROR_SIGNS = (
-    "DATA_LOSS",
-    "OUT_OF_RANGE",
-    "NOT_FOUND",
-    "Error reading",
-    "Error opening",
-    "Error decoding",
-    "Unexpected end",
-    "Expecting value",
-    "Unterminated",
-)
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# Errors that mean "these bytes cannot be read back" when raised (anywhere along the cause chain) while reading
+# a step that passed the structural checks: tensorstore reports DATA_LOSS / OUT_OF_RANGE / FAILED_PRECONDITION
+# ... as ValueError, json as JSONDecodeError (a ValueError), files as OSError / EOFError, zlib as zlib.error.
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zlib.error)
+# ... except these: a network hiccup or a permission problem is not damage (setting the step aside would be wrong).
+_NOT_DAMAGE = (ConnectionError, TimeoutError, PermissionError, InterruptedError)
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def is_read_error(e: BaseException) -> bool:
+    """True when `e` (or an exception it was raised from) says the stored bytes are unreadable."""
+    chain = list(_chain(e))
+    if any(isinstance(c, (_NOT_DAMAGE, CheckpointMismatchError, MemoryError)) for c in chain):
+        return False
+    return any(isinstance(c, _READ_ERRORS) for c in chain)
+
+
+def _root_cause(e: BaseException) -> str:
+    """`Type: message` of the innermost exception of the chain (the one that says what went wrong)."""
+    *_, last = _chain(e)
+    return f"{type(last).__name__}: {str(last)[:400]}"
 
 
 class CheckpointError(Exception):
@@ -62,6 +87,10 @@ class CorruptCheckpointError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError, ValueError):
     """The checkpoint is readable but does not fit the restore target (keys, shapes, missing items)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a step failed (disk full, permission, bucket error); the partial step was removed."""
 
 
 class Restored(NamedTuple):
@@ -147,6 +176,38 @@ def _check_target(target) -> None:
         )
 
 
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
+
+
+def _leaf_checksum(x) -> jax.Array:
+    """A uint32 hash of an array's bits: sum over elements of (bits ^ golden*i) * (2i+1) mod 2**32. Each term
+    is a bijection of one element's bits, so any single changed element changes the sum; integer sums are
+    exact in any order, so the value does not depend on the sharding or the reduction order."""
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+    bits = bits.ravel()
+    i = jnp.arange(bits.size, dtype=jnp.uint32)
+    return jnp.sum((bits ^ (i * jnp.uint32(0x9E3779B9))) * (2 * i + 1), dtype=jnp.uint32)
+
+
+_checksums_jit = jax.jit(lambda xs: [_leaf_checksum(x) for x in xs])
+
+
+def array_checksums(tree) -> dict[str, list]:
+    """`{keystr(path): [dtype, uint32 checksum]}` of the array leaves of `tree` (one jitted pass, on device)."""
+    flat = [
+        (jax.tree_util.keystr(p), x)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if isinstance(x, (jax.Array, np.ndarray)) and x.dtype.kind in "biuf"
+    ]
+    if not flat:
+        return {}
+    sums = jax.device_get(_checksums_jit([x for _, x in flat]))
+    return {k: [str(x.dtype), int(v)] for (k, x), v in zip(flat, sums, strict=True)}
+
+
 def _config_to_json(config) -> dict | None:
     if config is None:
         return None
@@ -225,6 +286,7 @@ class Checkpointer:
             best_mode=keep_best[1] if keep_best else "max",  # best_fn makes orbax persist metrics
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=True,  # partial steps of a run killed mid-save
         )
         handlers = {
             "state": ocp.StandardCheckpointHandler(),
@@ -233,6 +295,8 @@ class Checkpointer:
             "meta": ocp.JsonCheckpointHandler(),
         }
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._pending: int | None = None  # the step whose async save has not been confirmed yet
+        self._failed: int | None = None  # the step whose save failed (its writer threads may still run)
 
     # ----------------------------------------------------------------------------------------------- save
     def save(
@@ -261,12 +325,10 @@ class Checkpointer:
                 f"keep_best metric {self.keep_best[0]!r} missing from the metrics given to save "
                 f"(have {sorted(metrics)})"
             )
-        items = {
-            "state": ocp.args.StandardSave(_keys_to_data(state)),
-            "meta": ocp.args.JsonSave(
-                {"meta": dict(meta or {}), "metrics": metrics, "step": step, "saved_unix": time.time()}
-            ),
-        }
+        storable = _keys_to_data(state)
+        record = {"meta": dict(meta or {}), "metrics": metrics, "step": step, "saved_unix": time.time()}
+        record["checksums"] = array_checksums(storable)
+        items = {"state": ocp.args.StandardSave(storable), "meta": ocp.args.JsonSave(record)}
         if data_iter is not None:
             if not hasattr(data_iter, "get_state"):
                 raise TypeError(
@@ -276,12 +338,61 @@ class Checkpointer:
             items["data"] = self._grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(_config_to_json(config))
-        saved = self._mngr.save(
-            step, args=ocp.args.Composite(**items), metrics=metrics if self.keep_best else None, force=force
-        )
+        self.wait()  # orbax waits for the previous save here anyway; this reports its failure as its own
+        with self._save_errors(step):
+            saved = self._mngr.save(
+                step,
+                args=ocp.args.Composite(**items),
+                metrics=metrics if self.keep_best else None,
+                force=force,
+            )
         if saved:
+            self._pending = step
             log.info("saving checkpoint step %d to %s", step, self.directory)
         return bool(saved)
+
+    @contextlib.contextmanager
+    def _save_errors(self, step: int):
+        """Turns any failure of a save (this one, or the previous async one surfacing now) into a
+        CheckpointSaveError naming the directory and what to free or fix; removes the partial step."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure of a write is reported the same way
+            self._pending, self._failed = None, step
+            raise CheckpointSaveError(self._save_failure_message(step, e)) from e
+
+    def _save_failure_message(self, step: int, e: BaseException) -> str:
+        for wait in (
+            self._mngr.wait_until_finished,
+            self._mngr._non_blocking_metadata_store.wait_until_finished,
+        ):
+            with contextlib.suppress(
+                Exception
+            ):  # let the failed save's other writers stop before cleaning up
+                wait()
+        removed = [p.name for p in self.directory.glob(f"{step}{TMP_SUFFIX}*")] if _is_primary() else []
+        for name in removed:
+            _remove(self.directory / name)
+        self._mngr.reload()
+        kept = self.all_steps()
+        codes = {getattr(c, "errno", None) for c in _chain(e)}
+        if codes & {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}:
+            fix = f"free disk space (or quota) where {self.directory} lives, or use a --workdir with room"
+        elif codes & {errno.EACCES, errno.EPERM, errno.EROFS}:
+            fix = f"make {self.directory} writable by this user (or use another --workdir)"
+        else:
+            fix = (
+                f"check that {self.directory} has free space and is writable (for gs:// the bucket exists, "
+                "this account may write to it and the quota is not exhausted)"
+            )
+        return (
+            f"saving checkpoint step {step} to {self.directory} failed ({_root_cause(e)}); "
+            f"{'removed the partial ' + ', '.join(removed) + '; ' if removed else ''}"
+            f"the previous checkpoints are kept (steps {kept}). To continue: {fix}, then rerun the same "
+            f"command: it resumes from step {kept[-1] if kept else 0}."
+        )
 
     # ----------------------------------------------------------------------------------------- queries
     def all_steps(self) -> list[int]:
@@ -327,15 +438,14 @@ class Checkpointer:
             items["config"] = ocp.args.JsonRestore()
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - classified below
-            if isinstance(e, (OSError, EOFError, json.JSONDecodeError)) or any(
-                s in str(e) for s in _DATA_ERROR_SIGNS
-            ):
+        except Exception as e:  # noqa: BLE001 - classified by type along the cause chain
+            if is_read_error(e):
                 raise CorruptCheckpointError(
-                    f"checkpoint {self.step_dir(step)} is unreadable: {type(e).__name__}: {str(e)[:500]}"
+                    f"checkpoint {self.step_dir(step)} is unreadable ({_root_cause(e)})"
                 ) from e
             raise
         meta = out["meta"] or {}
+        _verify(self.step_dir(step), out["state"], meta.get("checksums"))
         return Restored(
             state=_wrap_keys(out["state"], abstract_state),
             meta=meta.get("meta", {}),
@@ -347,22 +457,37 @@ class Checkpointer:
     def restore_latest_valid(self, abstract_state: Any, *, data_iter=None) -> Restored | None:
         """Restores the newest readable step; corrupt / incomplete newer ones are set aside with a WARNING.
 
-        Returns None when there is no (valid) checkpoint, i.e. the run starts fresh. A step that does not fit
-        the target (CheckpointMismatchError) is a configuration error and is raised, not skipped.
+        Returns None when there is no checkpoint, i.e. the run starts fresh. Raises CorruptCheckpointError
+        listing every step tried and why it failed when there are steps but none is readable (they are left in
+        place). A step that does not fit the target (CheckpointMismatchError) is a configuration error and is
+        raised, not skipped.
         """
-        self._mngr.wait_until_finished()
+        self.wait()
+        failed: list[tuple[int, CorruptCheckpointError]] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                return self.restore(abstract_state, step, data_iter=data_iter)
+                restored = self.restore(abstract_state, step, data_iter=data_iter)
             except CorruptCheckpointError as e:
-                aside = self._set_aside(step)
+                failed.append((step, e))
+                log.warning("checkpoint step %d cannot be used: %s", step, e)
+                continue
+            for bad, e in failed:
+                aside = self._set_aside(bad)
                 log.warning(
                     "checkpoint %s is corrupt or incomplete (%s); moved it to %s and falling back to "
-                    "the previous checkpoint",
-                    self.step_dir(step),
+                    "the previous checkpoint (step %d)",
+                    self.step_dir(bad),
                     e,
                     aside,
+                    step,
                 )
+            return restored
+        if failed:  # nothing is moved: there is no good step to fall back to, the user decides
+            tried = "; ".join(f"step {s}: {e}" for s, e in failed)
+            raise CorruptCheckpointError(
+                f"no readable checkpoint in {self.directory} (tried steps {[s for s, _ in failed]}): {tried}. "
+                f"Restore them from a copy, or move {self.directory} away to start this stage from scratch."
+            )
         return None
 
     def _validate(self, step: int, storable, *, want_data: bool) -> set[str]:
@@ -377,6 +502,8 @@ class Checkpointer:
         try:
             saved = set(json.loads((d / STEP_METADATA).read_text())["item_handlers"])
         except Exception as e:  # noqa: BLE001
+            if not is_read_error(e):
+                raise
             raise CorruptCheckpointError(
                 f"checkpoint {d}: unreadable {STEP_METADATA} ({type(e).__name__}: {e})"
             ) from e
@@ -396,6 +523,8 @@ class Checkpointer:
         try:
             tree = self._mngr.item_metadata(step)["state"].tree
         except Exception as e:  # noqa: BLE001
+            if not is_read_error(e):
+                raise
             raise CorruptCheckpointError(
                 f"checkpoint {d}: unreadable state metadata ({type(e).__name__}: {str(e)[:300]})"
             ) from e
@@ -418,18 +547,61 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def wait(self) -> None:
-        """Blocks until pending async saves are committed."""
-        self._mngr.wait_until_finished()
+        """Blocks until pending async saves are committed; raises CheckpointSaveError if one failed."""
+        step = self._pending
+        if step is None:
+            self._mngr.wait_until_finished()
+            return
+        with self._save_errors(step):
+            self._mngr.wait_until_finished()
+            self._mngr.check_for_errors()
+        self._pending = None
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Waits for the last save (raising CheckpointSaveError if it failed) and releases orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            if self._failed is None:
+                self._mngr.close()
+            else:  # the failure was reported; now the failed save's last writers have stopped: clean up again
+                with contextlib.suppress(Exception):
+                    self._mngr.close()
+                if _is_primary():
+                    for p in self.directory.glob(f"{self._failed}{TMP_SUFFIX}*"):
+                        _remove(p)
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _remove(path: epath.Path, tries: int = 10) -> None:
+    """rmtree that outlasts a failed save's writer threads still creating files in `path` for a moment."""
+    for i in range(tries):
+        try:
+            path.rmtree() if path.is_dir() else path.unlink()
+        except OSError:
+            time.sleep(0.05 * (i + 1))
+        if not path.exists():
+            return
+    log.warning("could not remove the partial checkpoint %s; delete it by hand", path)
+
+
+def _verify(d, state, recorded: dict | None) -> None:
+    """Raises CorruptCheckpointError when restored arrays differ from the checksums recorded at save time
+    (steps saved before checksums were recorded are not checked)."""
+    if not recorded:
+        return
+    got = array_checksums(state)
+    bad = [k for k, (dtype, v) in recorded.items() if k in got and got[k][0] == dtype and got[k][1] != v]
+    if bad:
+        raise CorruptCheckpointError(
+            f"checkpoint {d}: the array data read back differs from the checksums recorded when it was saved "
+            f"(damaged files) for {len(bad)} of {len(recorded)} arrays: {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+        )
 
 
 def _compare(d, saved: dict, target: dict) -> None:

@@ -156,12 +156,11 @@ def fit(
                 preempted = True
                 break
     finally:
-        ckpt.wait()
-        ckpt.close()
         writer.close()
         handler.close()
         if hasattr(data_it, "close"):
             data_it.close()
+        ckpt.close()  # waits for the last save; raises CheckpointSaveError if it failed
     merged = _merged(parts, state)
     return FitResult(model=merged.model, maps=merged.maps, step=step, preempted=preempted, history=history)
 
