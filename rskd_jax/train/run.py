@@ -137,7 +137,9 @@ def build_model(ctx: Context, mc, seed: int):
     if mc.checkpoint:
         from rskd_jax import load_pretrained  # noqa: PLC0415
 
-        loaded = load_pretrained(mc.checkpoint)
+        over = dict(mc.overrides)  # LlavaConfig fields; the two dtypes are load_pretrained's own keywords
+        param_dtype, compute_dtype = over.pop("param_dtype", None), over.pop("dtype", None)
+        loaded = load_pretrained(mc.checkpoint, param_dtype, compute_dtype=compute_dtype, **over)
         return loaded[0] if isinstance(loaded, tuple) else loaded.model
     from rskd_jax.models import LlavaModel  # noqa: PLC0415
 
