@@ -42,18 +42,22 @@ _STAGE = flags.DEFINE_enum(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from rskd_jax.train.run import run  # noqa: PLC0415  (import after flag parsing: jax start-up)
+    from rskd_jax.train.run import ConfigError, run  # noqa: PLC0415  (import after flag parsing: jax start-up)
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.get("preset", "run"))
-    run(
-        config,
-        workdir,
-        stage=_STAGE.value,
-        coordinator=_COORD.value,
-        num_processes=_NPROC.value,
-        process_id=_PID.value,
-    )
+    try:
+        run(
+            config,
+            workdir,
+            stage=_STAGE.value,
+            coordinator=_COORD.value,
+            num_processes=_NPROC.value,
+            process_id=_PID.value,
+        )
+    except ConfigError as e:
+        print(f"train: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_cli():
