@@ -29,7 +29,9 @@ def _model(preset, checkpoint="", vision=None, text=None, **kw):
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, preset="demo", steps=-1, res=-1, attention="", dtype="", teacher_param_dtype="", remat="")
+    a = parse_arg(
+        arg, preset="demo", steps=-1, res=-1, attention="", dtype="", teacher_param_dtype="", remat=""
+    )
     c = ml_collections.ConfigDict()
     c.preset = a.preset
     c.seed = 0

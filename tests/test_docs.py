@@ -11,7 +11,8 @@ Convention for the ```bash blocks of CHECKED_DOCS (each command may span lines w
 "Parsed" means our entry point's own flag parser runs on the command's arguments and stops before any work:
 absl flags for launch/train.py, eval.py and plan.py (config file, preset and every `--config.*` override
 included: an unknown key or a value of the wrong type fails), argparse for the others. `pip install` lines:
-local paths exist and the named extras are in setup.py. `pytest` lines: the named test paths exist. A leading `srun --opt=value ...` (SLURM) is looked through.
+local paths exist and the named extras are in setup.py. `pytest` lines: the named test paths exist.
+A leading `srun --opt=value ...` (SLURM) is looked through.
 ```python blocks run in order after the document's quick commands, unless their first line is
 `# needs: ...`. Links (Markdown links and images in docs/*.md, README.md and the notebooks' Markdown
 cells) must name existing files, and `#anchors` existing headings.
