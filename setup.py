@@ -43,6 +43,9 @@ EXTRAS = {
     ],
     "eval": ["pycocoevalcap==1.2", "nltk==3.10.4"],
     "plan": ["libtpu==0.0.42.1"],
+    # NVIDIA GPUs (docs/gpu.md): the CUDA 12 build of the tested jax; the plugin brings CUDA/cuDNN/NCCL wheels.
+    "cuda": ["jax[cuda12]==0.10.2", "jax-cuda12-plugin[with-cuda]==0.10.2", "jax-cuda12-pjrt==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],  # TPU VMs (docs/tpu.md)
     "torch": ["torch==2.13.0"],
 }
 

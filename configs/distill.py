@@ -42,7 +42,9 @@ def _model(preset, checkpoint="", vision=None, text=None, **kw):
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, preset="demo", steps=-1, res=-1, root="")
+    a = parse_arg(
+        arg, preset="demo", steps=-1, res=-1, attention="", dtype="", teacher_param_dtype="", remat="", root=""
+    )
     c = ml_collections.ConfigDict()
     c.preset = a.preset
     c.seed = 0
@@ -190,6 +192,17 @@ def get_config(arg=None):
         c.total_steps = a.steps
     if a.res > 0:
         c.data.image_size = a.res
+    # Model-field shorthands (docs/gpu.md): attention = attention_impl (xla | cudnn | splash) and dtype = compute
+    # dtype of both models, teacher_param_dtype = the frozen teacher's weights, remat = the student's policy.
+    both = (c.teacher, c.student)
+    for key, field, sections in (
+        ("attention", "attention_impl", both),
+        ("dtype", "dtype", both),
+        ("teacher_param_dtype", "param_dtype", (c.teacher,)),
+        ("remat", "remat_policy", (c.student,)),
+    ):
+        for section in sections if a[key] else ():
+            section.overrides[field] = a[key]
     return c
 
 

@@ -28,7 +28,7 @@ _TOPO = flags.DEFINE_string(
     "topology",
     "v5p-64",
     "Target: v5p-8..128, v4-8..128, v5e-16..256 (v4/v5p names "
-    "count TensorCores: v5p-64 = 32 chips) or 8xH100 (fake CPU devices).",
+    "count TensorCores: v5p-64 = 32 chips), 8xH100, 8xA100-40GB or 1xH100 (fake CPU devices).",
 )
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: config data.batch_size).")
 _REMAT = flags.DEFINE_string("remat", None, "Student remat policy (none, full, dots_saveable, ...).")

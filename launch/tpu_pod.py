@@ -22,7 +22,6 @@ import sys
 from collections.abc import Sequence
 
 ACTIONS = ("create", "setup", "run", "logs", "stop", "delete")
-JAX_VERSION = "0.10.2"
 REMOTE_DIR = "rskd-jax"  # relative to the remote home directory (ssh sessions start there)
 LOG_FILE = "rskd-train.log"
 PID_FILE = "rskd-train.pid"
@@ -89,7 +88,7 @@ def _ssh(spec: PodSpec, command: str, worker: str = "all") -> list[str]:
 def _install(spec: PodSpec) -> str:
     return (
         f"cd {REMOTE_DIR} && python3 -m pip install -q -U pip && "
-        f"python3 -m pip install -q -e . {shlex.quote(f'jax[tpu]=={JAX_VERSION}')}"
+        "python3 -m pip install -q -e '.[tpu]'"  # setup.py's tpu extra: jax[tpu] + libtpu pins
     )
 
 

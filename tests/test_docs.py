@@ -12,6 +12,7 @@ Convention for the ```bash blocks of CHECKED_DOCS (each command may span lines w
 absl flags for launch/train.py, eval.py and plan.py (config file, preset and every `--config.*` override
 included: an unknown key or a value of the wrong type fails), argparse for the others. `pip install` lines:
 local paths exist and the named extras are in setup.py. `pytest` lines: the named test paths exist.
+A leading `srun --opt=value ...` (SLURM) is looked through.
 ```python blocks run in order after the document's quick commands, unless their first line is
 `# needs: ...`. Links (Markdown links and images in docs/*.md, README.md and the notebooks' Markdown
 cells) must name existing files, and `#anchors` existing headings.
@@ -42,6 +43,7 @@ CHECKED_DOCS = (
     "docs/distill.md",
     "docs/config_reference.md",
     "docs/reproduce.md",
+    "docs/gpu.md",
 )
 LINKED_DOCS = sorted({"README.md", *(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))})
 NOTEBOOKS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("*.ipynb"))
@@ -121,6 +123,10 @@ def _env() -> dict:
 
 def entry_point(argv: list[str]) -> tuple[str, str, list[str]] | None:
     """('path' | 'module', target, args) of a command that runs one of our Python entry points."""
+    if argv[:1] == ["srun"]:  # SLURM launcher: `srun --opt=value ... python ...` runs the python command
+        argv = argv[1:]
+        while argv and argv[0].startswith("-"):
+            argv = argv[1:]
     if not argv or argv[0] not in ("python", "python3"):
         return None
     if len(argv) > 2 and argv[1] == "-m" and argv[2].startswith(("rskd_jax", "launch", "tools")):

@@ -188,8 +188,7 @@ def attention_heads(
     bf16/fp16 only. 'splash': the TPU Pallas kernel (TPU only).
     """
     if impl == "cudnn":
-        t = lambda x: x.swapaxes(1, 2)
-        return t(_cudnn_attention(t(q), t(k), t(v), mask))
+        return _cudnn_attention(q, k, v, mask)
     if impl == "splash":
         return _splash_attention(q, k, v, mask)
     if impl != "xla":
@@ -204,15 +203,28 @@ def attention_heads(
     return jnp.einsum("bkgts,bksd->bkgtd", p, v).reshape(b, h, t, d)
 
 
+CUDNN_NEEDS_GPU = "attention_impl='cudnn' needs an NVIDIA GPU; use 'xla' on CPU/TPU"
+
+
+def sdpa_arguments(q, k, v, mask) -> dict:
+    """What the cuDNN path passes to `jax.nn.dot_product_attention`, from the head-major q [B,H,T,D], k/v
+    [B,K,S,D] and mask bool [B,T,S] (True = attend): q/k/v sequence-major (BTNH / BSKH; query head h reads KV
+    head h // (H // K), as HF's repeat_kv), the mask as [B,1,T,S] with rows that attend no key (pad queries)
+    opened to every key, so they stay finite. Scale: the function's default 1/sqrt(D)."""
+    t = lambda x: x.swapaxes(1, 2)
+    if mask is not None:
+        mask = (mask | ~mask.any(-1, keepdims=True))[:, None]
+    return dict(query=t(q), key=t(k), value=t(v), mask=mask)
+
+
 def _cudnn_attention(q, k, v, mask):
+    """cuDNN flash attention (GPU, bf16/fp16) on the head-major layout: [B,H,T,D] in and out."""
     if jax.devices()[0].platform != "gpu":
-        raise NotImplementedError("attention_impl='cudnn' needs an NVIDIA GPU; use 'xla' on CPU/TPU")
+        raise NotImplementedError(CUDNN_NEEDS_GPU)
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16/float16 compute, got {q.dtype}")
-    if mask is not None:  # rows with no key at all (pad queries) attend everything: finite, not NaN
-        mask = mask | ~mask.any(-1, keepdims=True)
-    m = None if mask is None else mask[:, None]  # [B, 1, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
+    out = jax.nn.dot_product_attention(**sdpa_arguments(q, k, v, mask), implementation="cudnn")
+    return out.swapaxes(1, 2)
 
 
 SPLASH_INTERPRET = False  # tests set True: run the Pallas kernel in interpret mode on CPU

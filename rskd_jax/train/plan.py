@@ -82,6 +82,8 @@ TOPOLOGIES: dict[str, Topology] = {
     for chip in [name.split("-")[0]]
 }
 TOPOLOGIES["8xH100"] = Topology("8xH100", "H100", 8, 80 * 10**9, 989e12, "gpu", chip_config="")
+TOPOLOGIES["8xA100-40GB"] = Topology("8xA100-40GB", "A100-40GB", 8, 40 * 10**9, 312e12, "gpu", chip_config="")
+TOPOLOGIES["1xH100"] = Topology("1xH100", "H100", 1, 80 * 10**9, 989e12, "gpu", chip_config="")
 
 
 def get_topology(name: str) -> Topology:

@@ -23,7 +23,7 @@ from flax import nnx
 
 from rskd_jax import build
 from rskd_jax.distill import step as S
-from rskd_jax.distill.checks import check_config
+from rskd_jax.distill.checks import ConfigError, check_config
 from rskd_jax.parallel import mesh as mesh_lib
 from rskd_jax.parallel import multihost
 from rskd_jax.train import loop
@@ -318,11 +318,29 @@ def copy_model(model):
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state))
 
 
+ATTENTION_BACKENDS = {"cudnn": "gpu", "splash": "tpu"}  # attention_impl -> the JAX backend it needs
+
+
+def check_attention_backend(config) -> None:
+    """ConfigError when a model section's `overrides.attention_impl` needs another backend than this one."""
+    backend = jax.default_backend()
+    for name in ("teacher", "student", "model"):
+        section = config.get(name)
+        impl = section.get("overrides", {}).get("attention_impl") if section is not None else None
+        need = ATTENTION_BACKENDS.get(impl)
+        if need and backend != need:
+            raise ConfigError(
+                f"{name}.overrides.attention_impl={impl!r} needs a {need.upper()}, but JAX's backend here is "
+                f"{backend!r}: use attention=xla (e.g. --config configs/distill.py:PRESET,attention=xla)"
+            )
+
+
 def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes=None, process_id=None):
     setup_logging()
     if config.get("mode") != "sft":  # refused configurations fail before any model is loaded
         check_config(config)
     multihost.initialize(coordinator, num_processes, process_id)
+    check_attention_backend(config)
     t0 = time.perf_counter()
     ctx = prepare(config, workdir)
     c = config
