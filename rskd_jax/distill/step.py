@@ -585,9 +585,10 @@ def make_distill_step(config, mesh, student, teacher, *, maps=None, donate: bool
     `student` is the student LlavaModel, `teacher` the frozen teacher; `maps` the feature maps (default: built from
     the config's feature layers when the widths differ)."""
     spec = spec_from_config(config, student.cfg)
-    splash = [
-        m for m, c in (("student", student.cfg), ("teacher", teacher.cfg)) if c.attention_impl == "splash"
-    ]
+    packed_models = [("student", student.cfg)]
+    if not spec.reuse_teacher_prefix:  # with the reuse the teacher runs no packed forward
+        packed_models.append(("teacher", teacher.cfg))
+    splash = [m for m, c in packed_models if c.attention_impl == "splash"]
     if spec.pack_views and spec.needs_rollout and splash:
         logging.warning(
             "loss.pack_views=True: the packed forward of the %s runs XLA attention, not the splash kernel "
