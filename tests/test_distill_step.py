@@ -244,9 +244,9 @@ def _long_answer_batch(seed):
     "pack,weights,fits",
     [
         (True, None, True),
-        pytest.param(False, None, True, marks=pytest.mark.slow),
-        pytest.param(True, dict(rkl=1.0, pg=1.0, sft=0.5), True, marks=pytest.mark.slow),
-        pytest.param(False, dict(rkl=1.0, pg=0.5, fkl=1.0, feat_image=0.5), True, marks=pytest.mark.slow),
+        (False, None, True),
+        (True, dict(rkl=1.0, pg=1.0, sft=0.5), True),
+        (False, dict(rkl=1.0, pg=0.5, fkl=1.0, feat_image=0.5), True),
         (True, None, False),
     ],
 )
