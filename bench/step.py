@@ -19,6 +19,7 @@ Runs alternate between the implementations so that load from other processes hit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import sys
@@ -103,17 +104,33 @@ def fixed_sampler(response: np.ndarray):
     return sample
 
 
-def make_jax_step(tcfg, scfg, teacher, student, batch: dict, *, maps_from=None, compile: bool = True) -> dict:
+def make_jax_step(
+    tcfg,
+    scfg,
+    teacher,
+    student,
+    batch: dict,
+    *,
+    maps_from=None,
+    compile: bool = True,
+    sampled: bool = False,
+    reuse: bool = False,
+) -> dict:
     """Our step (make_train_step, StepSpec {rkl, feat_image, feat_text}, fixed response) for the given models:
     lowered (and compiled). Returns the lowered and compiled step, the initial state, the inputs and the
-    trace / compile times."""
+    trace / compile times.
+
+    sampled: the step runs its own teacher-mixed rollout of R = response length tokens (alpha 0.2, no EOS
+    stop) instead of the fixed response (bench/full_step.py); reuse: `loss.reuse_teacher_prefix` (needs
+    `sampled`: a fixed response comes with no teacher states)."""
     spec = S.StepSpec(
         weights=WEIGHTS,
         sampling=R.SamplingConfig(max_new_tokens=batch["response"].shape[1], alpha=0.2),
         feature_layers=((-1, -1),),
-        eos_id=scfg.eos_token_id,
+        eos_id=-1 if sampled else scfg.eos_token_id,
         pad_id=scfg.pad_token_id,
         image_token_id=scfg.image_token_id,
+        reuse_teacher_prefix=reuse and sampled,
     )
     maps = S.feature_maps_for(spec.feature_layers, scfg, tcfg, nnx.Rngs(3), with_proj=False)
     if maps_from is not None:  # the same map weights as another build
@@ -125,7 +142,12 @@ def make_jax_step(tcfg, scfg, teacher, student, batch: dict, *, maps_from=None, 
     inputs = {k: jnp.asarray(batch[k]) for k in JAX_KEYS}
     state = init(parts["params"], jax.random.key(0))
     t1 = time.perf_counter()
-    with mock.patch.object(R, "sample", fixed_sampler(batch["response"])):
+    patch = (
+        contextlib.nullcontext()
+        if sampled
+        else mock.patch.object(R, "sample", fixed_sampler(batch["response"]))
+    )
+    with patch:
         lowered = step.lower(state, parts["frozen"], parts["teacher"], inputs)
         t2 = time.perf_counter()
         compiled = lowered.compile() if compile else None
@@ -143,14 +165,14 @@ def make_jax_step(tcfg, scfg, teacher, student, batch: dict, *, maps_from=None, 
 
 
 def build_ours(
-    bc: C.BenchConfig, hf_s, hf_t, batch: dict, *, scan: bool, maps_from=None, compile: bool = True
+    bc: C.BenchConfig, hf_s, hf_t, batch: dict, *, scan: bool, maps_from=None, compile: bool = True, **kw
 ) -> dict:
-    """`make_jax_step` on our models converted from the HF ones (the same weights as the peer)."""
+    """`make_jax_step` (its keywords `kw`) on our models converted from the HF ones (the peer's weights)."""
     t0 = time.perf_counter()
     tcfg, scfg = bc.teacher.replace(scan_layers=scan), bc.student.replace(scan_layers=scan)
     teacher, student = C.jax_from_hf(tcfg, hf_t), C.jax_from_hf(scfg, hf_s)
     convert_s = time.perf_counter() - t0
-    out = make_jax_step(tcfg, scfg, teacher, student, batch, maps_from=maps_from, compile=compile)
+    out = make_jax_step(tcfg, scfg, teacher, student, batch, maps_from=maps_from, compile=compile, **kw)
     out["times"] = dict(convert_s=convert_s, **out["times"])
     return out
 
@@ -177,6 +199,27 @@ def ours_terms(metrics: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- one config
+def twin_models_and_batch(bc: C.BenchConfig):
+    """(hf teacher, hf student, numpy batch, torch batch with NCHW pixels) of a bench config."""
+    torch.manual_seed(0)
+    hf_t, hf_s = C.hf_llava(bc.teacher, seed=1), C.hf_llava(bc.student, seed=2)
+    batch = C.token_batch(bc, seed=0)
+    tb = {
+        k: torch.from_numpy(v).float() if k == "pixel_values" else torch.from_numpy(v).long()
+        for k, v in batch.items()
+    }
+    tb["pixel_values"] = tb["pixel_values"].permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return hf_t, hf_s, batch, tb
+
+
+def torch_feature_map(bc: C.BenchConfig, kernel) -> torch.nn.Linear:
+    """The peer's student -> teacher feature map with our map's weights."""
+    fmap = torch.nn.Linear(bc.student.text.hidden_size, bc.teacher.text.hidden_size, bias=False)
+    with torch.no_grad():
+        fmap.weight.copy_(torch.from_numpy(np.array(kernel.T)))
+    return fmap
+
+
 def with_threads(fn, n: int):
     """fn run with torch using n intra-op threads (restored afterwards)."""
 
@@ -194,20 +237,10 @@ def with_threads(fn, n: int):
 def run_config(
     bc: C.BenchConfig, *, warmup: int, reps: int, threads: list[int], lean: bool, unrolled_timing: bool
 ) -> dict:
-    torch.manual_seed(0)
-    hf_t, hf_s = C.hf_llava(bc.teacher, seed=1), C.hf_llava(bc.student, seed=2)
-    batch = C.token_batch(bc, seed=0)
-    tb = {
-        k: torch.from_numpy(v).float() if k == "pixel_values" else torch.from_numpy(v).long()
-        for k, v in batch.items()
-    }
-    tb["pixel_values"] = tb["pixel_values"].permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-
+    hf_t, hf_s, batch, tb = twin_models_and_batch(bc)
     C.log(f"{bc.name}: building and compiling our step")
     ours = build_ours(bc, hf_s, hf_t, batch, scan=True)
-    fmap = torch.nn.Linear(bc.student.text.hidden_size, bc.teacher.text.hidden_size, bias=False)
-    with torch.no_grad():
-        fmap.weight.copy_(torch.from_numpy(np.array(ours["map_kernel"].T)))
+    fmap = torch_feature_map(bc, ours["map_kernel"])
     kinds = ("all", "answer") if lean else ("all",)
     peers = {
         k: torch_ref.TorchDistillStep(

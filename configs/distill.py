@@ -114,6 +114,7 @@ def get_config(arg=None):
             feature_kind="cosine",
             feature_layers=((-1, -1),),
             pack_views=True,
+            reuse_teacher_prefix=True,
         )
     )
     c.optim = ml_collections.ConfigDict(

@@ -19,7 +19,7 @@ import pytest
 from conftest import shared_data_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = ["step", "rollout", "gpu", "convert", "input"]
+SCRIPTS = ["step", "full_step", "rollout", "gpu", "convert", "input"]
 TIMEOUT_S = 600
 
 
@@ -77,6 +77,22 @@ def test_step(runs):
     # the analytic FLOPs agree with XLA's count of the unrolled step and torch's FlopCounterMode
     for k, v in c["flops_check"].items():
         assert 0.97 < v < 1.15, (k, v)
+
+
+def test_full_step(runs):
+    """The whole step (rollout included) against the MiniLLM-style peer; with and without teacher prefix reuse
+    the same losses from the same state and key."""
+    d = result(runs, "full_step")
+    c = d["configs"][0]
+    assert c["config"] == "tiny" and c["new_tokens"] == 32
+    assert {"ours", "ours_no_reuse", "torch_1t"} <= set(c["rows"])
+    assert all(r["step_ms"] > 0 for r in c["rows"].values())
+    assert c["ratio"] > 0 and c["ratio_vs"].startswith("torch") and c["reuse_speedup"] > 0
+    rc = c["reuse_check"]
+    assert {"loss/rkl", "loss/feat_image/0", "loss/feat_text/0"} <= set(rc["ours"])
+    assert rc["ours"]["rollout/length"] == 32.0
+    assert rc["max_rel_diff"] < 1e-5, rc
+    assert c["peer_finite"] and set(c["peer_terms"]["torch"]) >= {"rkl", "feat_image", "feat_text"}
 
 
 def test_rollout(runs):

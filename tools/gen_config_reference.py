@@ -93,6 +93,9 @@ DESCRIPTIONS = {
         "loss.length_norm": "Divide the return by the number of tokens it sums (paper's R^Norm).",
         "loss.pack_views": "One forward over [GT conversation | sampled response] instead of two (they share "
         "the prompt); same losses, less work.",
+        "loss.reuse_teacher_prefix": "The teacher's prompt and response states come from the rollout (its KV "
+        "cache, prefill and decode hidden states), so its ground-truth forward runs only the tokens after the "
+        "prompt; same losses, less work (docs/distill.md).",
         "loss.whiten": "Whiten advantages over valid tokens (MiniLLM code whitens, pads included).",
         "loss.temperature": "Temperature of both distributions in the KL / PG terms (no τ² factor).",
         "loss.feature_kind": "`cosine` (1 - cos), `mse`, or `mse_std` (MSE after per-token standardising).",

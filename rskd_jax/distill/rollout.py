@@ -18,10 +18,26 @@ top-k / top-p.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TeacherStates:
+    """What the rollout computed for the frozen teacher and the step reuses (`sample(keep_teacher=...)`).
+
+    The teacher's states over the prompt and the sampled response depend on nothing the step changes, so its
+    losses can read them instead of running the teacher over the prompt again (rskd_jax.distill.prefix).
+    """
+
+    cache: object  # KVCache after the decode: slots [0, P) the prompt (left-padded), [P, P + R) the response
+    prompt_last: jax.Array  # [B, P, D] final-norm hidden states over the (left-padded) prompt
+    prompt_hidden: dict  # {HF hidden-state index: [B, P, D]} over the prompt, the indices asked for
+    response: jax.Array  # [B, R, D] final-norm hidden state predicting response token j (pad rows: unused)
+    image_features: jax.Array | None  # [B, N, D] the teacher's projected image tokens (None without image)
 
 
 @flax.struct.dataclass
@@ -34,6 +50,7 @@ class Rollout:
     teacher_logprobs: jax.Array  # log p(y_t) under the processed teacher distribution (0 when no teacher)
     weights: jax.Array  # importance weights q / (alpha p + (1 - alpha) q) on the sampled tokens
     lengths: jax.Array  # int32 [B]: number of valid tokens (including EOS)
+    teacher_states: TeacherStates | None = None  # only with sample(keep_teacher=...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,18 +82,24 @@ def process_logits(logits: jax.Array, temperature: float, top_k: int, top_p: flo
     return logits
 
 
-def _next_logits(model, ids, mask, cache, pixel_values=None, vision_features=None):
+def _next_logits(model, ids, mask, cache, pixel_values=None, vision_features=None, return_hidden=()):
     """Runs `model` on `ids` with `cache`: (logits of the last position [B, V], image placeholder suppressed;
-    the new cache)."""
+    the model's output, whose `cache` is the new cache)."""
     last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
     out = model(
-        ids, pixel_values, attention_mask=mask, cache=cache, vision_features=vision_features, logits_at=last
+        ids,
+        pixel_values,
+        attention_mask=mask,
+        cache=cache,
+        vision_features=vision_features,
+        logits_at=last,
+        return_hidden=return_hidden,
     )
     logits = out.logits[:, 0].astype(jnp.float32)
     image_id = getattr(getattr(model, "cfg", None), "image_token_id", None)
     if image_id is not None and 0 <= image_id < logits.shape[-1]:
         logits = logits.at[:, image_id].set(-jnp.inf)
-    return logits, out.cache
+    return logits, out
 
 
 def sample(
@@ -92,11 +115,15 @@ def sample(
     pixel_values=None,
     student_vision_features=None,
     teacher_vision_features=None,
+    keep_teacher: Sequence[int] | None = None,
 ) -> Rollout:
     """Samples `cfg.max_new_tokens` tokens per row from the teacher-mixed distribution.
 
     prompt_ids / prompt_mask: [B, P], LEFT-padded (so every row's last prompt token sits at P - 1).
     teacher may be None (then alpha must be 0 and teacher_logprobs are 0).
+    keep_teacher: HF hidden-state indices; when given (and a teacher is), the rollout also returns the
+    teacher's states (`TeacherStates`: its KV cache, prompt hidden states at those indices, and the hidden
+    state predicting each response token, recorded during the decode).
     """
     if teacher is None and cfg.alpha > 0:
         raise ValueError("teacher-mixed sampling (alpha > 0) needs a teacher model")
@@ -106,7 +133,8 @@ def sample(
     use_teacher = teacher is not None
     proc = lambda lg: process_logits(lg, cfg.temperature, cfg.top_k, cfg.top_p)
 
-    s_logits, s_cache = _next_logits(
+    keep = use_teacher and keep_teacher is not None
+    s_logits, s_out = _next_logits(
         student,
         prompt_ids,
         prompt_mask,
@@ -114,15 +142,18 @@ def sample(
         pixel_values,
         student_vision_features,
     )
+    s_cache, t_out = s_out.cache, None
     if use_teacher:
-        t_logits, t_cache = _next_logits(
+        t_logits, t_out = _next_logits(
             teacher,
             prompt_ids,
             prompt_mask,
             teacher.init_cache(batch, total),
             pixel_values,
             teacher_vision_features,
+            return_hidden=tuple(keep_teacher) if keep else (),
         )
+        t_cache = t_out.cache
     else:
         t_logits, t_cache = jnp.zeros_like(s_logits), None
 
@@ -141,6 +172,11 @@ def sample(
         t_lp=zeros_f,
         w=zeros_f,
     )
+    if (
+        keep
+    ):  # slot j + 1: the teacher's hidden state after feeding response token j (it predicts token j + 1)
+        hid = t_out.last_hidden
+        init["t_hid"] = jnp.zeros((batch, steps + 1, hid.shape[-1]), hid.dtype).at[:, 0].set(hid[:, -1])
 
     def cond(c):
         return (c["t"] < steps) & ~jnp.all(c["done"])
@@ -190,12 +226,25 @@ def sample(
         )
         feed = jnp.where(valid, tok, pad_id)[:, None]
         feed_mask = valid.astype(jnp.int32)[:, None]
-        out["s_logits"], out["s_cache"] = _next_logits(student, feed, feed_mask, c["s_cache"])
+        out["s_logits"], s_step = _next_logits(student, feed, feed_mask, c["s_cache"])
+        out["s_cache"] = s_step.cache
         if use_teacher:
-            out["t_logits"], out["t_cache"] = _next_logits(teacher, feed, feed_mask, c["t_cache"])
+            out["t_logits"], t_step = _next_logits(teacher, feed, feed_mask, c["t_cache"])
+            out["t_cache"] = t_step.cache
+            if keep:
+                out["t_hid"] = jax.lax.dynamic_update_slice_in_dim(c["t_hid"], t_step.last_hidden, t + 1, 1)
         return out
 
     c = jax.lax.while_loop(cond, body, init)
+    states = None
+    if keep:
+        states = TeacherStates(
+            cache=c["t_cache"],
+            prompt_last=t_out.last_hidden,
+            prompt_hidden=dict(t_out.hidden_states),
+            response=c["t_hid"][:, :steps],
+            image_features=t_out.image_features,
+        )
     return Rollout(
         tokens=c["tokens"],
         mask=c["mask"],
@@ -203,6 +252,7 @@ def sample(
         teacher_logprobs=c["t_lp"],
         weights=c["w"],
         lengths=c["mask"].sum(-1).astype(jnp.int32),
+        teacher_states=states,
     )
 
 

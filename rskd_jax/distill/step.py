@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from rskd_jax.distill import losses as L
+from rskd_jax.distill import prefix as PX
 from rskd_jax.distill import rollout as R
 from rskd_jax.distill.checks import check_feature_terms
 
@@ -152,6 +153,9 @@ class StepSpec:
     grad_accum: int = 1
     chunk_size: int = 128  # sequence chunk of the vocabulary-sized losses (only [B, chunk, V] logits live)
     pack_views: bool = True  # one forward over [GT | response] instead of two (see _packed_view)
+    reuse_teacher_prefix: bool = (
+        True  # the teacher's prompt/response states from the rollout (distill/prefix.py)
+    )
     eos_id: int = 2
     pad_id: int = 0
     image_token_id: int = 0
@@ -204,6 +208,7 @@ def spec_from_config(cfg, model_cfg) -> StepSpec:
         grad_accum=cfg.optim.get("grad_accum", 1),
         chunk_size=lo.get("chunk_size", 128),
         pack_views=lo.get("pack_views", True),
+        reuse_teacher_prefix=lo.get("reuse_teacher_prefix", True),
         eos_id=model_cfg.eos_token_id,
         pad_id=model_cfg.pad_token_id,
         image_token_id=model_cfg.image_token_id,
@@ -278,7 +283,8 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
     )
     t_layers = tuple(p[1] for p in spec.feature_layers) if s_layers else ()
     need_t_gt = teacher is not None and spec.needs_teacher_gt
-    s_gt = t_gt = None  # GT-view outputs, when the packed forward computed them
+    reuse = spec.reuse_teacher_prefix and teacher is not None  # teacher states from the rollout
+    s_gt = t_gt = None  # GT-view outputs, when the packed forward (or the prefix reuse) computed them
 
     if spec.needs_rollout:
         frozen = jax.lax.stop_gradient
@@ -294,8 +300,13 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
             pixel_values=pix,
             student_vision_features=sv,
             teacher_vision_features=tv,
+            keep_teacher=t_layers if reuse else None,
         )
         ro = jax.tree.map(frozen, ro)
+        if reuse and need_t_gt:
+            t_gt, metrics["teacher/prefix_fallback"] = _teacher_gt_from_rollout(
+                teacher, batch, ro, t_layers, tv, spec
+            )
 
         def response_view(m, vision, dropout_rng=None):  # hidden states predicting the response
             ids, mask, pos = _response_view(batch["prompt_ids"], batch["prompt_mask"], ro)
@@ -321,13 +332,16 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
             )
             s_all = model(ids, pix, vision_features=sv, return_hidden=s_layers, dropout_rng=drop, **kw)
             s_resp, s_gt = gather(s_all), head(s_all)
-            if need_t_gt:  # the teacher packed as well
+            if reuse:  # the rollout computed the teacher's response states
+                t_resp = ro.teacher_states.response
+            elif need_t_gt:  # the teacher packed as well
                 t_all = frozen(teacher(ids, pix, vision_features=tv, return_hidden=t_layers, **kw))
                 t_resp, t_gt = gather(t_all), head(t_all)
             else:  # the teacher is needed on the response view only
                 t_resp = frozen(response_view(teacher, tv))
         else:
-            s_resp, t_resp = response_view(model, sv, drop), frozen(response_view(teacher, tv))
+            s_resp = response_view(model, sv, drop)
+            t_resp = ro.teacher_states.response if reuse else frozen(response_view(teacher, tv))
         rmask = ro.mask
         rewards = (ro.teacher_logprobs - ro.student_logprobs) * rmask
         adv = jax.lax.stop_gradient(
@@ -390,8 +404,8 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
                 return_hidden=s_layers,
                 dropout_rng=drop,
             )
-            t_out = None
-            if need_t_gt:
+            t_out = t_gt  # from the rollout's teacher states (prefix reuse), or None
+            if need_t_gt and t_out is None:
                 t_out = jax.lax.stop_gradient(
                     teacher(
                         ids,
@@ -454,6 +468,26 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
                 total += spec.w("feat_proj") * fp
     metrics["loss/total"] = total
     return total, metrics
+
+
+def _teacher_gt_from_rollout(teacher, batch, ro: R.Rollout, layers, tv, spec: StepSpec):
+    """The teacher's ground-truth view from the rollout's prompt states (rskd_jax.distill.prefix), falling
+    back to a full forward over `input_ids` -> (LlavaOutput, fell back 0/1)."""
+
+    def full_forward():
+        return teacher(
+            batch["input_ids"],
+            batch.get("pixel_values"),
+            attention_mask=batch["attention_mask"],
+            vision_features=tv,
+            compute_logits=False,
+            return_hidden=layers,
+        )
+
+    view, fell_back = PX.teacher_gt_view(
+        teacher, batch, ro.teacher_states, layers, full_forward, spec.image_token_id
+    )
+    return jax.lax.stop_gradient(view), fell_back
 
 
 def frozen_model(model):
@@ -577,9 +611,10 @@ def make_distill_step(config, mesh, student, teacher, *, maps=None, donate: bool
     `student` is the student LlavaModel, `teacher` the frozen teacher; `maps` the feature maps (default: built from
     the config's feature layers when the widths differ)."""
     spec = spec_from_config(config, student.cfg)
-    splash = [
-        m for m, c in (("student", student.cfg), ("teacher", teacher.cfg)) if c.attention_impl == "splash"
-    ]
+    packed_models = [("student", student.cfg)]
+    if not spec.reuse_teacher_prefix:  # with the reuse the teacher runs no packed forward
+        packed_models.append(("teacher", teacher.cfg))
+    splash = [m for m, c in packed_models if c.attention_impl == "splash"]
     if spec.pack_views and spec.needs_rollout and splash:
         logging.warning(
             "loss.pack_views=True: the packed forward of the %s runs XLA attention, not the splash kernel "

@@ -179,7 +179,9 @@ class LlamaModel(nnx.Module):
         return_hidden: HF hidden-state indices (0 = embeddings, i = after layer i, num_layers = after the
         final norm); negative indices count from num_layers + 1. Only those are collected (also under scan).
         attn_mask: bool [B, T, T] (True = query t attends key s) replacing key-padding & causal, e.g. to pack
-        two continuations of one prompt into one sequence; needs explicit `positions` and no cache.
+        two continuations of one prompt into one sequence; needs explicit `positions`. With a cache it is
+        [B, T, max_len] over the cache slots (the T tokens are written at [index, index + T) first), e.g. to
+        run new tokens against a cached prefix with a mask of their own.
         """
         cfg = self.cfg
         n = cfg.num_layers
@@ -187,19 +189,21 @@ class LlamaModel(nnx.Module):
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         offset = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_pos
         custom = attn_mask is not None
-        if custom and (cache is not None or positions is None):
-            raise ValueError("attn_mask needs explicit positions and no KV cache")
+        if custom and positions is None:
+            raise ValueError("attn_mask needs explicit positions")
         if positions is None:
             positions = offset[:, None] + jnp.maximum(jnp.cumsum(mask, 1, dtype=jnp.int32) - 1, 0)
+        if cache is not None:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
         if custom:
-            if attn_mask.shape != (b, t, t):
-                raise ValueError(f"attn_mask shape {attn_mask.shape}; expected {(b, t, t)}")
+            keys = t if cache is None else cache.max_len
+            if attn_mask.shape != (b, t, keys):
+                raise ValueError(f"attn_mask shape {attn_mask.shape}; expected {(b, t, keys)}")
             attn_mask = attn_mask.astype(bool)
         elif cache is None:
             key_valid = mask
             attn_mask = key_valid[:, None, :] & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]
         else:
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
             q_slot = cache.index + jnp.arange(t)
             causal = jnp.arange(key_valid.shape[1])[None, :] <= q_slot[:, None]
             attn_mask = key_valid[:, None, :] & causal[None]

@@ -316,7 +316,9 @@ FLOPS_CONVENTION = (
     "Matmul FLOPs (2*m*n*k, as rskd_jax.eval.flops) of the whole global step; per device = global / devices. "
     "Counted per sequence: rollout prefill of both models over the prompt (attending all P+R cache slots) and"
     " R decode steps of both (1 token x P+R slots; all R steps, no early EOS stop), each with a 1-position "
-    "head; student (with grad) and teacher forwards over prompt+response and over the ground truth, no head; "
+    "head; student (with grad) and teacher forwards over prompt+response and over the ground truth, no head "
+    "(with loss.reuse_teacher_prefix the teacher runs only the ground-truth tokens after the prompt, against "
+    "the rollout's cached prompt: seq_len - prompt_len queries x max(P+R, seq_len) slots, no image); "
     "the vision tower up to vision_feature_layer once per sequence if shared_vision, else in every call with "
     "pixels. Vocabulary heads run in remat'ed chunks (positions padded to the chunk): teacher x2 (forward + "
     "recompute), student x(3 + 1 if lm_head trains). Student grad passes: forward x(1 + recompute + dX + dW),"
@@ -388,6 +390,47 @@ def _decoder(text, queries: int, keys: int) -> tuple[int, int]:
     return f["layers"] - f["attention"], attn
 
 
+def teacher_fwd_parts(spec, fwd, p: int, r: int, n: int, packed: bool) -> dict:
+    """The frozen teacher's forwards after a rollout: {component: FLOPs per sequence}. `fwd(queries, keys,
+    with_image)`. With `loss.reuse_teacher_prefix` the rollout's states replace the teacher's response view
+    and its prompt, so only the n - p ground-truth tokens after the prompt run, against the cached prompt
+    (all max(P + R, P + n - p) cache slots); without it, the packed or the two separate forwards."""
+    if spec.reuse_teacher_prefix:
+        if not spec.needs_teacher_gt:
+            return {}
+        s = n - p
+        if s <= 0:  # no room after the prompt: the ground-truth forward runs in full
+            return {"teacher fwd (ground truth)": fwd(n, n, True)}
+        return {"teacher fwd (answer after the cached prompt)": fwd(s, max(p + r, p + s), False)}
+    if packed and spec.needs_teacher_gt:
+        return {"teacher fwd (packed ground truth + response)": fwd(n + r, n + r, True)}
+    out = {"teacher fwd (prompt+response)": fwd(p + r, p + r, True)}
+    if spec.needs_teacher_gt and not packed:
+        out["teacher fwd (ground truth)"] = fwd(n, n, True)
+    return out
+
+
+def teacher_states_bytes(config, t_cfg, spec, devices: int, batch_size: int | None = None) -> dict:
+    """Bytes per device of what prefix reuse keeps live from the rollout to the losses, per micro-batch: the
+    teacher's KV cache (both phases) and its prompt / response hidden states (the batch over the devices)."""
+    import numpy as np  # noqa: PLC0415
+
+    if not (spec.reuse_teacher_prefix and spec.needs_rollout):
+        return dict(cache=0, hidden=0, total=0)
+    d, text = config.data, t_cfg.text
+    micro = int(batch_size or d.batch_size) // spec.grad_accum
+    p, r, n = int(d.prompt_len), int(spec.sampling.max_new_tokens), int(d.seq_len)
+    item = np.dtype(t_cfg.dtype).itemsize
+    slots = max(p + r, p + max(n - p, 0))
+    cache = 2 * text.num_layers * micro * text.num_kv_heads * slots * text.head_dim * item
+    kept = {i % (text.num_layers + 1) for _, i in spec.feature_layers} - {text.num_layers}
+    hidden = micro * text.hidden_size * item * (p * (1 + len(kept)) + r + 1)
+    if not spec.needs_teacher_gt:
+        cache, hidden = 0, micro * text.hidden_size * item * (r + 1)
+    per = lambda x: x // devices
+    return dict(cache=per(cache), hidden=per(hidden), total=per(cache + hidden))
+
+
 def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | None = None) -> dict:
     """Analytic FLOPs of one global training step (FLOPS_CONVENTION): total and by component."""
     from rskd_jax.eval import flops as F  # noqa: PLC0415
@@ -445,15 +488,11 @@ def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | No
             + head(t_cfg, 1)
         )
         if packed:
-            n = int(d.seq_len)
-            parts["student fwd+bwd (packed ground truth + response)"] = student_grad(n + r)
-            if spec.needs_teacher_gt:
-                parts["teacher fwd (packed ground truth + response)"] = frozen_fwd(t_cfg, n + r, n + r, True)
-            else:
-                parts["teacher fwd (prompt+response)"] = frozen_fwd(t_cfg, p + r, p + r, True)
+            parts["student fwd+bwd (packed ground truth + response)"] = student_grad(int(d.seq_len) + r)
         else:
             parts["student fwd+bwd (prompt+response)"] = student_grad(p + r)
-            parts["teacher fwd (prompt+response)"] = frozen_fwd(t_cfg, p + r, p + r, True)
+        t_fwd = lambda q, k, with_image: frozen_fwd(t_cfg, q, k, with_image)
+        parts.update(teacher_fwd_parts(spec, t_fwd, p, r, int(d.seq_len), packed))
         parts["heads (response chunks)"] = (
             head(s_cfg, padded(r)) * (3 + tr["head"]) + head(t_cfg, padded(r)) * 2
         )
@@ -461,7 +500,7 @@ def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | No
         n = int(d.seq_len)
         if not packed:
             parts["student fwd+bwd (ground truth)"] = student_grad(n)
-            if spec.needs_teacher_gt:
+            if spec.needs_teacher_gt and not spec.needs_rollout:
                 parts["teacher fwd (ground truth)"] = frozen_fwd(t_cfg, n, n, True)
         fkl = spec.w("fkl") > 0
         if spec.w("sft") > 0 or fkl:
@@ -504,6 +543,9 @@ class PlanResult:
     xla_flops_per_device: float | None  # cost_analysis (scan / while bodies counted once)
     step_time_s: dict  # {"100%": s, "40%": s} per step at that MFU
     timings: dict  # lower_s, compile_s, total_s, host_peak_rss_gib
+    # teacher prefix reuse: on (bool), flops_on / flops_off (global, analytic), kept_bytes (per device:
+    # cache, hidden, total live from the rollout to the losses when on)
+    reuse: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -599,6 +641,7 @@ def plan(
     b = int(batch_size or config.data.batch_size)
     fl = step_flops(config, lo.student_cfg, lo.teacher_cfg, lo.spec, lo.trainable_paths, b)
     fl["per_device"] = fl["total"] / topo.devices
+    reuse = reuse_report(config, lo, b, topo.devices)
     cost = compiled.cost_analysis() if compiled is not None else None
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     actual = dict(
@@ -631,7 +674,22 @@ def plan(
             total_s=time.perf_counter() - t0,
             host_peak_rss_gib=_rss_gib(),
         ),
+        reuse=reuse,
     )
+
+
+def reuse_report(config, lo: Lowered, batch_size: int, devices: int) -> dict:
+    """Teacher prefix reuse in the plan: analytic FLOPs with and without it, and the bytes per device it
+    keeps live from the rollout to the losses (in the compiled temp figure when it is on)."""
+    on = lo.spec.reuse_teacher_prefix
+    flops = {}
+    for flag in (True, False):
+        spec = dataclasses.replace(lo.spec, reuse_teacher_prefix=flag)
+        fl = step_flops(config, lo.student_cfg, lo.teacher_cfg, spec, lo.trainable_paths, batch_size)
+        flops[flag] = fl["total"]
+    spec_on = dataclasses.replace(lo.spec, reuse_teacher_prefix=True)
+    kept = teacher_states_bytes(config, lo.teacher_cfg, spec_on, devices, batch_size)
+    return dict(on=on, flops_on=flops[True], flops_off=flops[False], kept_bytes=kept)
 
 
 def format_table(r: PlanResult) -> str:
@@ -670,6 +728,7 @@ def format_table(r: PlanResult) -> str:
         f"XLA cost_analysis flops per device: "
         f"{'n/a' if r.xla_flops_per_device is None else f'{r.xla_flops_per_device:.3e}'} (counts each "
         "while/scan body ONCE - layers, decode steps, loss chunks, micro-batches - so it is not used)",
+        *_reuse_lines(r.reuse),
         f"step time at 100% MFU: {r.step_time_s['100%']:.4g} s, at 40% MFU: {r.step_time_s['40%']:.4g} s "
         f"(peak {peak_tflops:.0f} TFLOP/s bf16 per device)",
         f"lower {r.timings['lower_s']:.1f} s, compile {r.timings['compile_s']:.1f} s, host peak RSS "
@@ -679,6 +738,22 @@ def format_table(r: PlanResult) -> str:
         + f" vs {g(budget)} GiB budget = {g(r.hbm_bytes)} GiB HBM - {r.margin:.0%} margin)",
     ]
     return "\n".join(lines)
+
+
+def _reuse_lines(reuse: dict) -> list[str]:
+    if not reuse:
+        return []
+    on, off, kept = reuse["flops_on"], reuse["flops_off"], reuse["kept_bytes"]
+    saved = 1 - on / off if off else 0.0
+    live = (
+        f"keeps {kept['total'] / GIB:.2f} GiB per device live from the rollout to the losses (teacher KV "
+        f"cache {kept['cache'] / GIB:.2f} + hidden states {kept['hidden'] / GIB:.2f}, per micro-batch)"
+    )
+    return [
+        f"teacher prefix reuse (loss.reuse_teacher_prefix): {'ON' if reuse['on'] else 'OFF'}; FLOPs per step "
+        f"{on:.3e} with it, {off:.3e} without ({100 * saved:.1f}% fewer with it)",
+        f"    reuse {live}" + ("; included in temp above" if reuse["on"] else "; not in the figures above"),
+    ]
 
 
 def write_json(r: PlanResult, path) -> None:
