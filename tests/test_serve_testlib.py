@@ -30,3 +30,47 @@ def write_image(path: pathlib.Path, size: int = 40, seed: int = 0) -> pathlib.Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
     return path
+
+
+def memorizing_model(d: pathlib.Path, image, question: str, answer: str, steps: int = 150):
+    """A tiny model trained (Adam, cross-entropy on the answer, llava_v1 template) until it answers `question`
+    about `image` with `answer`, exported with `export_model` as a transformers Llava directory `d/model`
+    (the layout of the demo's `student_hf/`). A random model never writes boxes; this one does.
+    Returns (model directory, final loss)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from rskd_jax.convert.exporter import export_model
+    from rskd_jax.data import ExampleTransform
+    from rskd_jax.distill import losses
+
+    tok = train_synth_tokenizer(d / "tok", vocab_size=400, num_records=300)
+    cfg = runner.smoke_config("tiny", tok)
+    model = runner.random_model(cfg, seed=1)
+    tf = ExampleTransform(
+        tok,
+        image_size=cfg.vision.image_size,
+        image_seq_length=cfg.image_seq_length,
+        max_len=256,
+        max_prompt_len=192,
+        template="llava_v1",
+    )
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    ex = {k: v[None] for k, v in tf({"image": image, "conversations": turns}).items()}
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, ids, mask, target, px):
+        def loss_fn(m):
+            logits = m(ids, px, attention_mask=mask).logits
+            return losses.cross_entropy(logits[:, :-1], ids[:, 1:], target[:, 1:])
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    for _ in range(steps):
+        loss = step(model, opt, ex["input_ids"], ex["attention_mask"], ex["loss_mask"], ex["pixel_values"])
+    export_model(model, cfg, d / "model", tokenizer_dir=d / "tok")
+    return d / "model", float(jax.device_get(loss))
