@@ -26,7 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     p.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: as stored)")
     p.add_argument("--task", default="plain", choices=("plain", "grounding", "refer", "identify"))
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=0, help="0 = 256, at most a quarter of the model's positions"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
     p.add_argument("--seed", type=int, default=0)
@@ -123,14 +125,17 @@ class Chat:
                     return
                 continue
             self.out.write("ASSISTANT: ")
-            self.ask(line)
+            try:
+                self.ask(line)
+            except ValueError as e:  # e.g. a question too long for the model: the chat goes on
+                self.out.write(f"\nerror: {e}\n")
 
 
 def main(argv: list[str] | None = None, inp=sys.stdin, out=sys.stdout) -> int:
     args = parser().parse_args(argv)
-    if args.max_new_tokens < 1 or args.bucket < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+    if args.max_new_tokens < 0 or args.bucket < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         print(
-            "rskd-chat: error: need --max-new-tokens >= 1, --bucket >= 1, --temperature >= 0, 0 < --top-p <= 1",
+            "rskd-chat: error: need --max-new-tokens >= 0, --bucket >= 1, --temperature >= 0, 0 < --top-p <= 1",
             file=sys.stderr,
         )
         return 2

@@ -44,7 +44,7 @@ def draw_boxes(image: np.ndarray, text: str, scale: int = 0) -> Image.Image | No
         corners = [(float(x) * w / 100, float(y) * h / 100) for x, y in box_polygon(box)]
         pen.line(corners + corners[:1], fill=color, width=width, joint="curve")
         if label:
-            x, y = min(p[0] for p in corners), min(p[1] for p in corners)
+            x, y = min(corners, key=lambda p: p[1])  # above the top corner
             pen.text((x + width, max(0.0, y - 12)), label, fill=color)
     return img
 

@@ -50,14 +50,15 @@ class Reply:
 
 
 class ChatModel:
-    """model: an `LlavaModel`; tokenizer: a directory or a loaded tokenizer. temperature 0 = greedy."""
+    """model: an `LlavaModel`; tokenizer: a directory or a loaded tokenizer. temperature 0 = greedy.
+    max_new_tokens: None = 256 (GeoChat's demo), at most a quarter of the model's positions."""
 
     def __init__(
         self,
         model,
         tokenizer,
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
@@ -70,6 +71,9 @@ class ChatModel:
         self.ids = special_ids(self.tokenizer)
         self.encoder = TextEncoder(self.tokenizer)
         self.template, self.pad_to_square, self.bucket = template, pad_to_square, int(bucket)
+        self.max_context = int(self.cfg.text.max_position_embeddings)
+        if not max_new_tokens:  # GeoChat's 256, less for small models so a few rounds of history fit
+            max_new_tokens = max(16, min(256, self.max_context // 4))
         self.generator = Generator(
             model,
             self.tokenizer,
@@ -81,7 +85,6 @@ class ChatModel:
             seed=seed,
             stream=True,
         )
-        self.max_context = int(self.cfg.text.max_position_embeddings)
         self.lock = threading.Lock()
 
     @classmethod
