@@ -76,6 +76,14 @@ def test_one_question_equals_transformers_generate(tiny, tmp_path):
     assert "compiled" in lines[-1] and f"{len(ref_tokens)} tokens" in lines[-1]
 
 
+def test_sampling_with_tiny_top_p_is_greedy(tiny, tmp_path):
+    """temperature 1 with top-p ~0 keeps only the most likely token: the sampled answer is the greedy one."""
+    question = "What is in this image?"
+    ref, _ = reference(tiny, prompt(tiny, question))
+    rc, out = run_chat(tiny, question, "--temperature", "1", "--top-p", "1e-6", "--seed", "3")
+    assert rc == 0 and out.splitlines()[0] == ref
+
+
 def test_interactive_two_turns_keep_history(tiny, tmp_path):
     q1, q2 = "What is in this image?", "Where is the road?"
     a1, _ = reference(tiny, prompt(tiny, q1))
