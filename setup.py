@@ -31,6 +31,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": [
+        "fastapi==0.165.0",  # the web demo (as `serve`), driven in Debian's chromium by selenium
+        "uvicorn==0.55.0",
+        "selenium==4.51.0",
         "pytest",
         "pytest-xdist",
         "torch==2.13.0",
@@ -47,6 +50,8 @@ EXTRAS = {
     "cuda": ["jax[cuda12]==0.10.2", "jax-cuda12-plugin[with-cuda]==0.10.2", "jax-cuda12-pjrt==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],  # TPU VMs (docs/tpu.md)
     "torch": ["torch==2.13.0"],
+    # the web demo (launch/serve.py); not Gradio: its releases pin Pillow < 13, below the pin above
+    "serve": ["fastapi==0.165.0", "uvicorn==0.55.0"],
 }
 
 setup(
@@ -57,6 +62,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["rskd_jax", "rskd_jax.*", "launch", "configs"]),
+    package_data={"rskd_jax.serve": ["static/*.html"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={
@@ -65,6 +71,9 @@ setup(
             "rskd-convert=launch.convert:run",
             "rskd-eval=launch.eval:run",
             "rskd-plan=launch.plan:run",
+            "rskd-chat=launch.chat:run",
+            "rskd-predict=launch.predict:run",
+            "rskd-serve=launch.serve:run",
         ]
     },
 )

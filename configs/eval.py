@@ -11,6 +11,7 @@ r"""Evaluation configs (big_vision style): one preset per task, `all`, `synth` (
     python launch/eval.py --config configs/eval.py:all --config.checkpoint=... --config.data_dir=/data
     python launch/eval.py --config configs/eval.py:synth --config.limit=32     # random tiny model, seconds
     python launch/eval.py --config configs/eval.py:params                      # paper Table 8, no weights
+    python launch/eval.py --config.predictions=answers.jsonl   # score launch/predict.py's output, no model
 
 data_dir per preset:
 * scene: a folder of class folders (UCMerced_LandUse[/Images], AID) or a GeoChat-Bench scene jsonl;
@@ -62,6 +63,7 @@ def get_config(arg=None):
     c.strict = False  # GeoChat's exact-string matching instead of the robust matcher
     c.rotated = True  # rotated-box IoU (False: enclosing axis-aligned boxes)
     c.skip_bad_records = False
+    c.predictions = ""  # a predictions jsonl (launch/predict.py --out) to score instead of generating
     c.progress = True
     c.seed = 0
     # synth preset: rs-synth test split

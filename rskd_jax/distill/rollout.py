@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import io_callback
 
 
 @flax.struct.dataclass
@@ -116,6 +117,7 @@ def sample(
     student_vision_features=None,
     teacher_vision_features=None,
     keep_teacher: Sequence[int] | None = None,
+    on_token=None,
 ) -> Rollout:
     """Samples `cfg.max_new_tokens` tokens per row from the teacher-mixed distribution.
 
@@ -124,6 +126,8 @@ def sample(
     keep_teacher: HF hidden-state indices; when given (and a teacher is), the rollout also returns the
     teacher's states (`TeacherStates`: its KV cache, prompt hidden states at those indices, and the hidden
     state predicting each response token, recorded during the decode).
+    on_token: optional host function `(step, tokens [B])` called from inside the loop as each token is chosen
+    (`io_callback`, ordered; finished rows get `pad_id`), e.g. to stream text while generating.
     """
     if teacher is None and cfg.alpha > 0:
         raise ValueError("teacher-mixed sampling (alpha > 0) needs a teacher model")
@@ -210,6 +214,8 @@ def sample(
         upd = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], t, axis=1)
         vf = valid.astype(jnp.float32)
         tokens = upd(c["tokens"], jnp.where(valid, tok, pad_id))
+        if on_token is not None:
+            io_callback(on_token, None, t, jnp.where(valid, tok, pad_id), ordered=True)
         # where, not multiply: a finished row's (unused) draw may have log q = -inf (outside the student's
         # top-k / top-p set when alpha > 0), and -inf * 0 is NaN in IEEE arithmetic (XLA currently rewrites
         # x * convert(pred) into a select, which hides it; that is an optimisation, not a guarantee).

@@ -1,6 +1,6 @@
 """Batched greedy generation for evaluation: jitted decode loop (KV cache) + text decoding.
 
-The loop is `rskd_jax.distill.rollout.greedy_generate` (prefill + `lax.while_loop`, stops when every row has
+The loop is `rskd_jax.distill.rollout.sample` in greedy mode (prefill + `lax.while_loop`, stops when every row has
 emitted EOS). Shapes are fixed so XLA compiles few programs: every call runs `batch_size` rows (short
 batches are padded by repeating the last row) and the left-padded prompt is cut to the shortest *bucket* that
 holds the batch's longest prompt (`bucket` multiples, capped at the prompt width), so one compile per bucket
@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 from flax import nnx
 
-from rskd_jax.distill.rollout import greedy_generate
+from rskd_jax.distill.rollout import SamplingConfig, sample
 
 EOS_TEXT = "</s>"
 
@@ -44,6 +45,8 @@ class Generator:
     model: an `LlavaModel` (its `cfg.eos_token_id` / `pad_token_id` are the defaults for EOS and padding; the
     tokenizer's EOS wins when they differ). tokenizer: a directory or a loaded HF tokenizer.
     bucket: prompt widths are rounded up to a multiple of this (None = always the full width).
+    temperature > 0 samples (with `top_p`, from `seed`) instead of greedy decoding (chat). stream=True calls
+    `self.on_tokens(step, tokens [batch])`, when set, from inside the compiled loop as tokens are chosen.
     """
 
     def __init__(
@@ -56,6 +59,10 @@ class Generator:
         bucket: int | None = 64,
         eos_id: int | None = None,
         pad_id: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stream: bool = False,
     ):
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be >= 1")
@@ -69,9 +76,31 @@ class Generator:
         self.pad_id = pad_id if pad_id is not None else tok_pad if tok_pad is not None else cfg.pad_token_id
         steps, eos, pad = self.max_new_tokens, int(self.eos_id), int(self.pad_id)
 
+        sampling = SamplingConfig(
+            steps, alpha=0.0, temperature=temperature or 1.0, top_p=top_p, greedy=temperature <= 0
+        )
+        self.on_tokens = None
+
+        def emit(t, toks):
+            if self.on_tokens is not None:
+                self.on_tokens(int(t), np.asarray(toks))
+
+        self._key = jax.random.key(seed)
+
         @nnx.jit
-        def run(m, ids, mask, pixels):
-            r = greedy_generate(m, ids, mask, steps, eos_id=eos, pad_id=pad, pixel_values=pixels)
+        def run(m, ids, mask, pixels, key):
+            r = sample(
+                m,
+                None,
+                ids,
+                mask,
+                key,
+                sampling,
+                eos_id=eos,
+                pad_id=pad,
+                pixel_values=pixels,
+                on_token=emit if stream else None,
+            )
             return r.tokens, r.lengths
 
         self._run = run
@@ -110,7 +139,8 @@ class Generator:
             w = self.width(mask)
             ids, mask = ids[:, -w:].astype(np.int32), mask[:, -w:].astype(np.int32)
             self.compiled_shapes.add(ids.shape)
-            t, ln = self._run(self.model, ids, mask, px)
+            self._key, key = jax.random.split(self._key)
+            t, ln = self._run(self.model, ids, mask, px, key)
             toks.append(np.asarray(t)[:k])
             lens.append(np.asarray(ln)[:k])
         return np.concatenate(toks), np.concatenate(lens)

@@ -343,15 +343,19 @@ def _write_predictions(path: pathlib.Path, preds: Sequence[str], records: Sequen
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for p, r in zip(preds, records):
-            row = dict(
-                id=r.get("id"),
-                task=r.get("task"),
-                question=_question(r),
-                prediction=p,
-                reference=_answer(r),
-                meta={k: v for k, v in r.get("meta", {}).items() if k != "classes"},
-            )
-            f.write(json.dumps(to_jsonable(row)) + "\n")
+            f.write(json.dumps(to_jsonable(prediction_row(p, r))) + "\n")
+
+
+def prediction_row(prediction: str | None, record: dict) -> dict:
+    """One predictions/*.jsonl row (also what launch/predict.py writes and `predict.score_file` scores)."""
+    return dict(
+        id=record.get("id"),
+        task=record.get("task"),
+        question=_question(record),
+        prediction=prediction,
+        reference=_answer(record),
+        meta={k: v for k, v in record.get("meta", {}).items() if k != "classes"},
+    )
 
 
 # ------------------------------------------------------------------------------------- models and datasets
@@ -510,6 +514,10 @@ def run_eval(c) -> dict:
     from rskd_jax.eval import report
 
     out_dir = pathlib.Path(c.out_dir or f"runs/eval/{c.preset}")
+    if c.get("predictions"):  # score a predictions file (launch/predict.py output): no model
+        from rskd_jax.eval.predict import score_file
+
+        return score_file(c.predictions, out_dir, meteor=c.meteor, strict=c.strict, rotated=c.rotated)
     if c.preset == "params":
         return params_report(
             c.models,
