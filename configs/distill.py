@@ -43,7 +43,15 @@ def _model(preset, checkpoint="", vision=None, text=None, **kw):
 
 def get_config(arg=None):
     a = parse_arg(
-        arg, preset="demo", steps=-1, res=-1, attention="", dtype="", teacher_param_dtype="", remat="", root=""
+        arg,
+        preset="demo",
+        steps=-1,
+        res=-1,
+        attention="",
+        dtype="",
+        teacher_param_dtype="",
+        remat="",
+        root="",
     )
     c = ml_collections.ConfigDict()
     c.preset = a.preset

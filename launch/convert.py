@@ -5,6 +5,8 @@ r"""Weight conversion CLI (console script `rskd-convert`); all logic lives in rs
         [--dtype float32|bfloat16|float16] [--no-scan] [--tokenizer DIR] [--overwrite]
     python launch/convert.py export SRC DST [--dtype ...] [--max-shard-size 5GB] [--model-config FILE]
         [--lora-alpha A]
+    python launch/convert.py export WORKDIR DST [--stage distill]   (a training workdir: its student, LoRA
+        merged, rebuilt from the run's config.json and newest checkpoint; works for LoRA runs)
     python launch/convert.py inspect PATH
 
 A bad input exits with status 2 and one error line (no traceback); DST is never left half-written.
@@ -52,12 +54,23 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-size", default="5GB")
     exp.add_argument("--model-config", help="our config.json, for a training checkpoint (step dir) as SRC")
     exp.add_argument("--lora-alpha", type=float, help="LoRA alpha of a training checkpoint's adapters")
+    exp.add_argument(
+        "--stage",
+        default="distill",
+        help="with a training workdir as SRC: the stage whose newest checkpoint is exported (distill, or sft)",
+    )
     exp.add_argument("--tokenizer", help="tokenizer directory (default: SRC)")
     exp.add_argument("--overwrite", action="store_true")
     exp.add_argument("--no-progress", action="store_true")
     ins = sub.add_parser("inspect", help="format, config, parameter counts and dtypes of a checkpoint")
     ins.add_argument("path")
     return p
+
+
+def _is_workdir(path: str) -> bool:
+    from rskd_jax.train.export import is_workdir  # noqa: PLC0415
+
+    return is_workdir(path)
 
 
 def tune_malloc() -> None:
@@ -100,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
             )
+            print(f"wrote {out}")
+        elif args.command == "export" and _is_workdir(args.src):
+            from rskd_jax.train.export import export_run  # noqa: PLC0415 - loads jax/flax only for this path
+
+            out = export_run(args.src, args.dst, stage=args.stage, overwrite=args.overwrite, dtype=args.dtype)
             print(f"wrote {out}")
         elif args.command == "export":
             out = convert.export_checkpoint(

@@ -49,7 +49,14 @@ def model_config(config, section, ids=None) -> LlavaConfig:
     gets `data.vocab_size` (what the demo trains its tokenizer to) and real presets keep theirs.
     """
     base = get_preset(section.preset)
-    vision = dataclasses.replace(base.vision, image_size=config.data.image_size, **dict(section.vision))
+    vision_kw = dict(section.vision)
+    size = vision_kw.pop("image_size", config.data.image_size)
+    if size != config.data.image_size:
+        raise ModelConfigError(
+            f"config vision.image_size={size} differs from data.image_size={config.data.image_size}: the data's "
+            "image size is the model's (set data.image_size only)"
+        )
+    vision = dataclasses.replace(base.vision, image_size=config.data.image_size, **vision_kw)
     text_kw = dict(section.text)
     special = {}
     if ids is not None:
@@ -145,9 +152,8 @@ def build_model(
 ) -> LlavaModel:
     """The model `section` names, its parameters created or loaded in their sharding on `mesh`."""
     cfg = resolve(config, section, section_name, ids, tokenizer_dir)
-    if not section.checkpoint:
-        with jax.set_mesh(mesh):
-            return rules.init_sharded(lambda: LlavaModel(cfg, rngs=nnx.Rngs(seed)), mesh)
+    if not section.checkpoint:  # no active mesh here: nnx would read the logical axis names as mesh axes
+        return rules.init_sharded(lambda: LlavaModel(cfg, rngs=nnx.Rngs(seed)), mesh)
     from rskd_jax.pretrained import load_pretrained  # noqa: PLC0415 - pretrained imports this module's peers
 
     kw = source_kwargs(section, config.data.image_size)

@@ -269,5 +269,7 @@ def test_check_config_and_the_cli_refuse_before_loading_anything(tmp_path):
     )
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: config loss.weights.feat_proj=1: with trainable='lora'"), lines[-3:]
+    assert lines[-1].startswith("train.py: error: config loss.weights.feat_proj=1: with trainable='lora'"), (
+        lines[-3:]
+    )
     assert "Traceback" not in out.stderr

@@ -100,7 +100,7 @@ def test_train_cli_refuses_cudnn_on_cpu(tmp_path):
     )
     assert p.returncode == 2, p.stderr[-2000:]
     lines = p.stderr.strip().splitlines()
-    assert lines[-1].startswith("train: teacher.overrides.attention_impl='cudnn' needs a GPU")
+    assert lines[-1].startswith("train.py: error: teacher.overrides.attention_impl='cudnn' needs a GPU")
     assert "Traceback" not in p.stderr and not workdir.exists()
 
 
@@ -113,7 +113,7 @@ def test_config_shorthands_reach_trainer_and_planner():
     assert dict(c.teacher.overrides) == dict(attention_impl="cudnn", dtype="bfloat16", param_dtype="bfloat16")
     assert dict(c.student.overrides) == dict(attention_impl="cudnn", dtype="bfloat16", remat_policy="full")
     settings = plan.resolve_settings(c)
-    assert {k: src for k, (_, src) in settings.items()} == dict(
+    assert {k: src.split(" (")[0] for k, (_, src) in settings.items()} == dict(
         compute_dtype="config",
         teacher_param_dtype="config",
         student_param_dtype="model default",
@@ -127,21 +127,33 @@ def test_config_shorthands_reach_trainer_and_planner():
         "cudnn",
     )
     assert (t_cfg.dtype, t_cfg.param_dtype, t_cfg.attention_impl) == ("bfloat16", "bfloat16", "cudnn")
-    assert not distill.get_config("geochat13b_to_7b").student.overrides  # nothing set unless asked
+    base = distill.get_config(
+        "geochat13b_to_7b"
+    )  # the preset's own settings; no attention choice unless asked
+    assert "attention_impl" not in base.student.overrides and "attention_impl" not in base.teacher.overrides
     with pytest.raises(KeyError, match="attn"):
         distill.get_config("tiny,attn=cudnn")
 
 
 def test_overrides_apply_to_converted_checkpoints(tmp_path):
     """build_model with a checkpoint: the section's overrides (dtypes, attention, remat) reach the model."""
-    from rskd_jax.train import run
+    from rskd_jax import build
+    from rskd_jax.parallel import mesh as mesh_lib
 
     src = tmp_path / "hf"
     tiny_llava().save_pretrained(src)
     save_tokenizer(src, IMAGE_ID)
-    mc = distill.get_config("tiny,attention=cudnn,dtype=bfloat16,teacher_param_dtype=bfloat16").teacher
+    config = distill.get_config("tiny,attention=cudnn,dtype=bfloat16,teacher_param_dtype=bfloat16")
+    mc = config.teacher
     mc.checkpoint = str(src)
-    model = run.build_model(None, mc, seed=0)
+    saved = build.checkpoint_config(
+        src
+    )  # the section describes the checkpoint's sizes, as a real config does
+    mc.vision = {f: getattr(saved.vision, f) for f in build.VISION_ARCH}
+    mc.text = {f: getattr(saved.text, f) for f in build.TEXT_ARCH}
+    config.data.image_size = saved.vision.image_size
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model = build.build_model(config, mc, "teacher", mesh=mesh, seed=0)
     assert (model.cfg.dtype, model.cfg.param_dtype, model.cfg.attention_impl) == (
         "bfloat16",
         "bfloat16",

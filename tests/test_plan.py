@@ -231,8 +231,9 @@ def test_teacher_prefix_reuse_flops_and_kept_bytes():
 def test_settings_precedence_and_topologies():
     geo = distill.get_config("geochat13b_to_7b")
     st = P.resolve_settings(geo)
-    assert st["teacher_param_dtype"] == ("bfloat16", "plan default for geochat13b_to_7b")
-    assert st["remat"][0] == "full" and st["student_param_dtype"] == (None, "model default")
+    # the preset's own overrides (what training reads too), not plan-only defaults
+    assert st["teacher_param_dtype"] == (None, "config (bfloat16)") and st["remat"] == (None, "config (full)")
+    assert st["student_param_dtype"] == (None, "model default")
     assert P.resolve_settings(geo, remat="dots_saveable")["remat"] == ("dots_saveable", "flag")
     s_cfg, t_cfg = P.model_configs(geo, st)
     assert (t_cfg.param_dtype, t_cfg.dtype, s_cfg.param_dtype, s_cfg.dtype, s_cfg.remat_policy) == (

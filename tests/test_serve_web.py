@@ -106,7 +106,8 @@ def test_browser_upload_ground_and_boxes(server, browser):
     src = boxed.get_attribute("src")
     assert src.startswith("data:image/png;base64,")
     drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
-    red = (drawn[..., 0] > 230) & (drawn[..., 1] < 90) & (drawn[..., 2] < 90)
+    # the first box colour (rskd_jax/serve/draw.py COLORS[0]) exactly: a random test image has almost no such pixel
+    red = (np.abs(drawn.astype(int) - (255, 64, 64)) <= 3).all(-1)
     ys, xs = np.nonzero(red)  # the rotated box's outline, around its centre
     h, w = red.shape
     assert (

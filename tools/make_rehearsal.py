@@ -11,6 +11,7 @@ GeoChat user has on disk, at reduced size:
     ROOT/images/          UC Merced JPEGs (from --ucm, e.g. ../shared/data) and rs-synth PNGs
     ROOT/instruct.json    GeoChat_Instruct-format records (id, image, conversations) over those images
     ROOT/ucm_eval/        a small UC Merced class-folder tree for `launch/eval.py --config configs/eval.py:scene`
+                          (rs-synth test images in class folders when no --ucm is given)
 
     python tools/make_rehearsal.py ROOT [--ucm ../shared/data]
 
@@ -164,6 +165,13 @@ def write_data(root: pathlib.Path, ucm: pathlib.Path | None, seed: int) -> int:
             for k in range(UCM_EVAL_PER_CLASS):
                 name = f"{c}{UCM_PER_CLASS + k:02d}.jpg"
                 shutil.copy(src / c / name, ev / c / name)
+    else:  # no UC Merced here: the scene evaluation set is a class-folder tree of rs-synth test images
+        test = SynthSource(4 * UCM_EVAL_CLASSES * UCM_EVAL_PER_CLASS, image_size=128, seed=seed, split="test")
+        for i in range(len(test)):
+            r = test[i]
+            d = root / "ucm_eval" / r["meta"]["scene"]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(r["image"])).save(d / f"{i:03d}.png")
     synth = SynthSource(N_SYNTH, image_size=128, seed=seed, split="train")
     (images / "synth").mkdir()
     for i in range(N_SYNTH):

@@ -40,7 +40,17 @@ def load_tokenizer(path: str | os.PathLike):
     path = pathlib.Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    return add_image_token(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+    from transformers.utils import logging as hf_logging  # pylint: disable=g-import-not-at-top
+
+    # An original GeoChat / LLaVA directory's config.json names a model type transformers does not know; its
+    # "You are using a model of type geochat ..." warning says nothing about the tokenizer: keep it quiet.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    return add_image_token(tok)
 
 
 def special_ids(tok) -> SpecialIds:

@@ -52,6 +52,33 @@ def _to_global(batch: dict, mesh) -> dict:
     return multihost.host_local_to_global({k: np.asarray(v) for k, v in batch.items()}, mesh)
 
 
+@dataclasses.dataclass
+class Step:
+    """What `build_step` returns: the jitted step, make_train_step's parts, and the initial train state."""
+
+    step: Callable  # (state, frozen, teacher, global batch) -> (state, metrics)
+    parts: dict
+    state: object
+
+
+def build_step(model, teacher, spec, optim_cfg, trainable: str, mesh, *, maps=None, seed: int = 0) -> Step:
+    """Shards `model` (+ `maps`) and `teacher` onto `mesh` and builds the step `fit` runs; the initial state
+    takes over the trainable arrays (`model` is consumed). `launch/plan.py` lowers this same step
+    (tests/test_rehearsal.py compares the two programs)."""
+    student = S.DistillStudent(model, maps)
+    with jax.set_mesh(mesh):
+        rules.shard_model(student, mesh)
+        if teacher is not None:
+            rules.shard_model(teacher, mesh)
+    tx = S.make_optimizer(optim_cfg)
+    with jax.set_mesh(mesh):
+        init_fn, step_fn, parts = S.make_train_step(
+            student, teacher, spec, tx, trainable, mesh=mesh, donate_params=True
+        )
+        state = init_fn(parts["params"], jax.random.key(seed))
+    return Step(step_fn, parts, state)
+
+
 def fit(
     *,
     workdir,
@@ -83,20 +110,10 @@ def fit(
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    student = S.DistillStudent(model, maps)
-    with jax.set_mesh(mesh):
-        rules.shard_model(student, mesh)
-        if teacher is not None:
-            rules.shard_model(teacher, mesh)
-    tx = S.make_optimizer(optim_cfg)
-    with jax.set_mesh(mesh):
-        init_fn, step_fn, parts = S.make_train_step(
-            student, teacher, spec, tx, trainable, mesh=mesh, donate_params=True
-        )
+    built = build_step(model, teacher, spec, optim_cfg, trainable, mesh, maps=maps, seed=seed)
+    step_fn, parts, state = built.step, built.parts, built.state
     teacher_fp = fingerprint(parts["teacher"]) if teacher is not None else None
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts["params"]))
-    with jax.set_mesh(mesh):  # the state takes over the trainable arrays: `model` is consumed
-        state = init_fn(parts["params"], jax.random.key(seed))
     frozen, t_state = parts["frozen"], parts["teacher"]
     log.info("[%s] %d trainable parameters (%s)", name, n_train, trainable)
     log_memory(name, state, frozen, t_state)

@@ -213,12 +213,18 @@ def sft_stage(ctx: Context, name: str, mc, seed: int, section: str):
     return res.model
 
 
+def distill_setup(config, student, teacher):
+    """(spec, feature maps) of the distillation step; adds the LoRA adapters to `student` when configured."""
+    spec = S.spec_from_config(config, student.cfg)
+    maps = S.maps_for_spec(spec, student.cfg, teacher.cfg, nnx.Rngs(config.seed + 7))
+    if config.trainable == "lora":
+        add_lora(config, student)
+    return spec, maps
+
+
 def distill_stage(ctx: Context, student, teacher):
     c = ctx.config
-    spec = S.spec_from_config(c, student.cfg)
-    maps = S.maps_for_spec(spec, student.cfg, teacher.cfg, nnx.Rngs(c.seed + 7))
-    if c.trainable == "lora":
-        add_lora(c, student)
+    spec, maps = distill_setup(c, student, teacher)
     res = loop.fit(
         workdir=ctx.workdir / "distill",
         model=student,
