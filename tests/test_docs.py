@@ -12,7 +12,7 @@ Convention for the ```bash blocks of CHECKED_DOCS (each command may span lines w
 absl flags for launch/train.py, eval.py and plan.py (config file, preset and every `--config.*` override
 included: an unknown key or a value of the wrong type fails), argparse for the others. `pip install` lines:
 local paths exist and the named extras are in setup.py. `pytest` lines: the named test paths exist.
-A leading `srun --opt=value ...` (SLURM) is looked through.
+A leading `srun --opt=value ...` (SLURM) and leading `VAR=value` assignments are looked through.
 ```python blocks run in order after the document's quick commands, unless their first line is
 `# needs: ...`. Links (Markdown links and images in docs/*.md, README.md and the notebooks' Markdown
 cells) must name existing files, and `#anchors` existing headings.
@@ -123,6 +123,8 @@ def _env() -> dict:
 
 def entry_point(argv: list[str]) -> tuple[str, str, list[str]] | None:
     """('path' | 'module', target, args) of a command that runs one of our Python entry points."""
+    while argv and re.match(r"^[A-Z_][A-Z0-9_]*=", argv[0]):  # `VAR=value python ...`: looked through
+        argv = argv[1:]
     if argv[:1] == ["srun"]:  # SLURM launcher: `srun --opt=value ... python ...` runs the python command
         argv = argv[1:]
         while argv and argv[0].startswith("-"):

@@ -268,3 +268,39 @@ def test_plan_lowers_the_training_step(inputs, tmp_path):
             built.state, built.parts["frozen"], built.parts["teacher"], loop._to_global(batch, ctx.mesh)
         ).as_text()
     assert planned == trained
+
+
+def _refused(inputs, workdir, *flags):
+    """Runs train.py expecting a refusal: exit 2, one error line, nothing loaded."""
+    p = subprocess.run(
+        train_cmd(inputs, workdir, *flags), env=env(8), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [x for x in p.stderr.splitlines() if "error:" in x]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert " loaded " not in p.stderr and not (workdir / "distill").exists()  # before any weights are read
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (  # the student's checkpoint is narrower than its config section says: found before the teacher loads
+            ("--config.student.text.hidden_size=96",),
+            ("geochat7b", "student.text.hidden_size: config 96, checkpoint 64"),
+        ),
+        (("--config.mesh.fsdp=3",), ("mesh.data/fsdp/tensor = 1/3/1", "needs 3 devices, have 8")),
+        (("--config.data.batch_size=12",), ("data.batch_size=12", "data*fsdp=8")),
+    ],
+    ids=["checkpoint-shape", "mesh", "batch"],
+)
+def test_bad_input_is_refused_before_loading(inputs, tmp_path, flags, words):
+    line = _refused(inputs, tmp_path / "w", *flags)
+    assert all(w in line for w in words), line
+
+
+def test_tokenizer_that_does_not_fit_the_checkpoint_is_refused(inputs, tmp_path):
+    tok = tmp_path / "tok"
+    _make_rehearsal().save_tokenizer(tok, size=700)  # the checkpoints have 256 embedding rows
+    line = _refused(inputs, tmp_path / "w", f"--config.data.tokenizer={tok}")
+    assert "geochat13b" in line and "256 rows" in line and str(tok) in line, line

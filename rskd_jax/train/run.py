@@ -77,11 +77,30 @@ def make_sources(config, image_size: int):
     raise KeyError(f"config data.name={d.name!r}: expected 'rs-synth' or 'geochat_instruct'")
 
 
+def run_mesh(config):
+    """The config's mesh over all devices; a shape that does not fit the devices or the global batch is a
+    ValueError naming the config keys (raised before anything is loaded)."""
+    m = config.mesh
+    try:
+        mesh = mesh_lib.make_mesh((m.data, m.fsdp, m.tensor))
+    except ValueError as e:
+        raise ValueError(f"config mesh.data/fsdp/tensor = {m.data}/{m.fsdp}/{m.tensor}: {e}") from e
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    b, accum = int(config.data.batch_size), int(config.optim.get("grad_accum", 1) or 1)
+    if b % n_batch or b % accum:
+        raise ValueError(
+            f"config data.batch_size={b} must be divisible by mesh data*fsdp={n_batch} and by "
+            f"optim.grad_accum={accum}"
+        )
+    return mesh
+
+
 def prepare(config, workdir) -> Context:
     from rskd_jax.data import load_tokenizer, special_ids  # noqa: PLC0415
     from rskd_jax.data.synth import train_synth_tokenizer  # noqa: PLC0415
 
     workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
+    mesh = run_mesh(config)
     workdir.mkdir(parents=True, exist_ok=True)
     if (
         config.get("teacher")
@@ -109,8 +128,6 @@ def prepare(config, workdir) -> Context:
     tok = load_tokenizer(tok_dir)
     ids = special_ids(tok)
     train, evals = make_sources(config, config.data.image_size)
-    m = config.mesh
-    mesh = mesh_lib.make_mesh((m.data, m.fsdp, m.tensor))
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     return Context(config, workdir, tok_dir, ids, len(tok), mesh, train, evals)
@@ -120,6 +137,14 @@ def prepare(config, workdir) -> Context:
 def model_config(ctx: Context, mc, name: str = "model"):
     """The LlavaConfig config section `mc` builds with this run's tokenizer (rskd_jax.build.resolve)."""
     return build.resolve(ctx.config, mc, name, ctx.ids, ctx.tokenizer_dir)
+
+
+def check_models(ctx: Context) -> None:
+    """Every model section against its checkpoint's metadata and the tokenizer (no weights read), so that a
+    mismatched student fails before the teacher is loaded."""
+    for name in ("teacher", "student", "model"):
+        if ctx.config.get(name) is not None:
+            model_config(ctx, ctx.config[name], name)
 
 
 def build_model(ctx: Context, mc, seed: int, name: str = "model"):
@@ -351,6 +376,7 @@ def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes
     ctx = prepare(config, workdir)
     c = config
     log.info("workdir %s, mesh %s, %d devices", ctx.workdir, dict(ctx.mesh.shape), jax.device_count())
+    check_models(ctx)
     if c.get("mode") == "sft":
         return sft_only(ctx)
     teacher = sft_stage(ctx, "teacher", c.teacher, c.seed, "teacher")
