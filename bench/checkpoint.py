@@ -20,6 +20,7 @@ sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 from rskd_jax.train import checkpoint as C  # noqa: E402
@@ -41,8 +42,11 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     a = p.parse_args()
     if a.state:
-        with ocp.PyTreeCheckpointer() as c:
-            state = jax.tree.map(jnp.asarray, c.restore(a.state))
+        with ocp.PyTreeCheckpointer() as c:  # as numpy: the state may have been saved on other devices
+            meta = c.metadata(a.state)
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            state = jax.tree.map(jnp.asarray, c.restore(a.state, restore_args=args))
     else:
         n = int(a.mib * 2**20 / 4 / 16)
         state = {f"w{i}": jax.random.normal(jax.random.key(i), (n,)) for i in range(16)}
