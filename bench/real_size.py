@@ -257,7 +257,9 @@ def hf(root: pathlib.Path) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     ours = np.load(root / "ours_outputs.npz")
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(root / "hf", dtype=torch.bfloat16).eval()
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(
+        root / "hf", dtype=torch.bfloat16
+    ).eval()
     ids = np.concatenate([ours["ids"], ours["tokens"][:, :-1]], 1)  # teacher-forced: prompt + our tokens
     px = torch.from_numpy(ours["px"]).permute(0, 3, 1, 2).to(torch.bfloat16)
     t0 = time.time()
@@ -312,7 +314,10 @@ def wait_for_memory(need: int, wait_s: float, quiet: bool) -> None:
         if avail >= need and (not busy or time.time() > deadline):
             return
         if time.time() > deadline:
-            print(f"real_size: {avail / GiB:.1f} GiB available, need {need / GiB:.1f} GiB; stopping", file=sys.stderr)
+            print(
+                f"real_size: {avail / GiB:.1f} GiB available, need {need / GiB:.1f} GiB; stopping",
+                file=sys.stderr,
+            )
             sys.exit(3)
         time.sleep(10)
 
@@ -366,7 +371,10 @@ def main(argv=None) -> int:
         print(f"real_size: unknown steps {bad}; expected some of {','.join(STEPS)}", file=sys.stderr)
         return 2
     if "write" in steps and root.exists() and any(root.iterdir()):
-        print(f"real_size: {root} exists and is not empty (remove it, or leave out the write step)", file=sys.stderr)
+        print(
+            f"real_size: {root} exists and is not empty (remove it, or leave out the write step)",
+            file=sys.stderr,
+        )
         return 2
     root.mkdir(parents=True, exist_ok=True)
     llm = sum(2 * int(np.prod(s)) for s in llm_shapes(args.layers).values())
@@ -375,7 +383,7 @@ def main(argv=None) -> int:
     rows = {}
     for step in steps:
         wait_for_memory(need.get(step, 2 * GiB), args.wait, quiet=step in need)
-        print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {step} ...", flush=True)
+        print(f"[{datetime.datetime.now(datetime.UTC):%H:%M:%S}] {step} ...", flush=True)
         res = run_child(step, root, args.layers, args.new_tokens)
         if step == "run":
             rows.update(res)
@@ -384,7 +392,7 @@ def main(argv=None) -> int:
         print(table({k: rows[k] for k in rows if k in res or k == step}, None), flush=True)
     weights = rows.get("load", {}).get("weight_bytes")
     result = dict(
-        date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        date=f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         command="python bench/real_size.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         layers=args.layers,
         llm_fp16_bytes=llm,
@@ -393,8 +401,13 @@ def main(argv=None) -> int:
         load_vm_hwm_over_weights=round(rows["load"]["vm_hwm"] / weights, 3) if weights else None,
         machine=dict(cpus=os.cpu_count(), mem_total_gib=round(os.sysconf("SC_PHYS_PAGES") * 4096 / GiB, 1)),
     )
-    stem = pathlib.Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        "real_size" if args.layers == LAYERS else f"real_size_L{args.layers}"
+    stem = (
+        pathlib.Path(args.out)
+        if args.out
+        else ROOT
+        / "bench"
+        / "results"
+        / ("real_size" if args.layers == LAYERS else f"real_size_L{args.layers}")
     )
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
