@@ -10,6 +10,7 @@ between calls (periodic evaluation) is always the current one.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from rskd_jax.distill.rollout import SamplingConfig, sample
+from rskd_jax.models.cpu_compile import compiler_options
 
 EOS_TEXT = "</s>"
 
@@ -87,10 +89,9 @@ class Generator:
 
         self._key = jax.random.key(seed)
 
-        @nnx.jit
-        def run(m, ids, mask, pixels, key):
+        def run(graphdef, state, ids, mask, pixels, key):
             r = sample(
-                m,
+                nnx.merge(graphdef, state),
                 None,
                 ids,
                 mask,
@@ -103,8 +104,18 @@ class Generator:
             )
             return r.tokens, r.lengths
 
-        self._run = run
+        self._run_fn, self._jitted = run, (None, None)
         self.compiled_shapes: set[tuple[int, int]] = set()  # (batch, prompt width) run: one compile each
+
+    def _run(self, ids, mask, pixels, key):
+        """The jitted loop on the current model: split at every call (a model trained in place between
+        calls is the current one), recompiled only if its structure changed. compiler_options keep 16-bit
+        weights from being copied to float32 on CPU (rskd_jax/models/cpu_compile.py)."""
+        graphdef, state = nnx.split(self.model)
+        if self._jitted[0] is None or self._jitted[0] != graphdef:
+            fn = functools.partial(self._run_fn, graphdef)
+            self._jitted = (graphdef, jax.jit(fn, compiler_options=compiler_options()))
+        return self._jitted[1](state, ids, mask, pixels, key)
 
     def width(self, prompt_mask: np.ndarray) -> int:
         """Prompt width for a batch: its longest prompt rounded up to the bucket, at most the full width."""
@@ -140,7 +151,7 @@ class Generator:
             ids, mask = ids[:, -w:].astype(np.int32), mask[:, -w:].astype(np.int32)
             self.compiled_shapes.add(ids.shape)
             self._key, key = jax.random.split(self._key)
-            t, ln = self._run(self.model, ids, mask, px, key)
+            t, ln = self._run(ids, mask, px, key)
             toks.append(np.asarray(t)[:k])
             lens.append(np.asarray(ln)[:k])
         return np.concatenate(toks), np.concatenate(lens)
