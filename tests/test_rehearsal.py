@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import shared_data_dir
+from multiproc_testlib import run_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -82,31 +82,16 @@ def one(inputs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two(inputs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("two") / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            train_cmd(
-                inputs,
-                workdir,
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num_processes",
-                "2",
-                "--process_id",
-                str(i),
-            ),
-            env=env(4),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    errs = [p.communicate(timeout=1200)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    runs = run_processes(
+        lambda dist: train_cmd(inputs, workdir, *dist),
+        2,
+        timeout=1200,
+        merge_output=False,
+        env=env(4),
+        cwd=ROOT,
+    )
+    errs = [t for _, t in runs]
+    assert [rc for rc, _ in runs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     return workdir, errs
 
 

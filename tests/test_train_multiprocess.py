@@ -4,7 +4,6 @@ parameters as one process with the same global batch and device count."""
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from multiproc_testlib import run_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -46,30 +46,9 @@ def load_numpy(path):
 
 
 def test_two_processes_equal_one(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            cmd(
-                tmp_path / "two",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num_processes",
-                "2",
-                "--process_id",
-                str(i),
-            ),
-            env=env(2),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    runs = run_processes(lambda dist: cmd(tmp_path / "two", *dist), 2, timeout=600, env=env(2), cwd=ROOT)
+    outs = [t for _, t in runs]
+    assert [rc for rc, _ in runs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert "process 1 of 2" in outs[1] or "process 1 of 2" in outs[0] or "jax.distributed" in "".join(outs)
     one = subprocess.run(
         cmd(tmp_path / "one"), env=env(4), cwd=ROOT, capture_output=True, text=True, timeout=600
