@@ -143,7 +143,7 @@ def forward_flops(
 
 
 def _default_params_fn():
-    from rskd_jax.models.presets import param_counts
+    from rskd_jax.models.counts import param_counts
 
     return param_counts
 
