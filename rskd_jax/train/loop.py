@@ -13,7 +13,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import signal
 import time
 from collections.abc import Callable
 
@@ -21,6 +23,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rskd_jax.build import device_bytes
+from rskd_jax.data.pipeline import make_iterator
 from rskd_jax.distill import step as S
 from rskd_jax.parallel import multihost, place, rules
 from rskd_jax.train import checkpoint as ckpt_lib
@@ -121,8 +125,6 @@ def fit(
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=keep)
     data_it = iter(dataset) if num_workers == 0 else None
     if data_it is None:
-        from rskd_jax.data.pipeline import make_iterator  # noqa: PLC0415
-
         data_it = make_iterator(dataset, num_workers)
     abstract = ckpt_lib.restore_target(jax.eval_shape(lambda: state), mesh)
     restored = ckpt.restore_latest_valid(abstract, data_iter=data_it)
@@ -184,7 +186,6 @@ def fit(
 
 def memory_table(state, frozen, teacher) -> dict[str, tuple[int, int]]:
     """{part: (bytes on the fullest local device, total bytes)} of what a step keeps on the devices."""
-    from rskd_jax.build import device_bytes  # noqa: PLC0415
 
     maps = {k: v for k, v in state.params.items() if k == "maps"} if hasattr(state.params, "items") else {}
     trained = {k: v for k, v in state.params.items() if k != "maps"} if maps else state.params
@@ -250,9 +251,6 @@ def _read_history(workdir: pathlib.Path, upto: int) -> list:
 
 def _debug_kill(debug, name: str, step: int):
     if debug and debug.get("kill_stage") == name and debug.get("kill_at_step") == step:
-        import os  # noqa: PLC0415
-        import signal  # noqa: PLC0415
-
         sig = getattr(signal, debug.get("kill_signal", "SIGKILL"))
         log.warning("[%s] debug: sending %s to myself after step %d", name, sig.name, step)
         os.kill(os.getpid(), sig)
