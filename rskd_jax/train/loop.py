@@ -106,11 +106,13 @@ def fit(
     eval_every: int = 0,
     name: str = "train",
     debug=None,
+    log_all_metrics: bool = False,
 ) -> FitResult:
     """Trains `model` (+ `maps`) against `teacher` (None for SFT) to `total_steps`; see the module docstring.
 
     `debug` (config.debug, tests only): {"kill_stage": name, "kill_at_step": k, "kill_signal": "SIGKILL"|"SIGTERM"}
     makes the process signal itself right after step k, to test preemption and crash recovery.
+    `log_all_metrics`: every metric on the console line (default: total loss and the main loss terms).
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +160,7 @@ def fit(
             ok = guard.update(step, float(metrics["skipped"]) == 0.0)
             if ok:
                 avg.update({k: float(v) for k, v in metrics.items()})
-            prog.update(step, {k: float(v) for k, v in metrics.items()}, tokens=tokens)
+            prog.update(step, progress.console_metrics(metrics, log_all_metrics), tokens=tokens)
             if step % log_every == 0 or step == total_steps:
                 scalars = dict(avg.compute(), skipped_total=guard.skipped)
                 avg.reset()

@@ -178,6 +178,7 @@ def _fit_common(ctx: Context):
         num_workers=c.data.num_workers,
         config=c,
         debug=c.get("debug"),
+        log_all_metrics=bool(c.get("log_all_metrics", False)),
     )
 
 
