@@ -58,6 +58,7 @@ def get_config(arg=None):
     c.seed = 0
     c.total_steps = ml_collections.FieldReference(200)
     c.log_every = 10
+    c.log_all_metrics = False  # console line: every metric (default: total + main loss terms)
     c.ckpt_every = 100
     c.keep_checkpoints = 2
     c.eval_every = 0  # 0 = only at the end

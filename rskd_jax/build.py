@@ -3,7 +3,6 @@ LlavaModel whose parameters are created or loaded directly in their sharding on 
 
 Training (`rskd_jax.train.run`), the AOT plan (`rskd_jax.train.plan`) and evaluation read model configs here, so
 the plan compiles the program training runs. A config section (configs/distill.py `_model`) holds:
-
     preset        a name from rskd_jax.models.presets (architecture)
     vision, text  size fields replacing the preset's (tests and rehearsals shrink the real presets this way)
     overrides     LlavaConfig fields: numerics and layout (dtype, param_dtype, remat_policy, attention_impl, ...)
@@ -30,6 +29,7 @@ from rskd_jax.convert.errors import ConversionError
 from rskd_jax.models import LlavaModel, get_preset
 from rskd_jax.models.presets import LlavaConfig
 from rskd_jax.parallel import rules
+from rskd_jax.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,6 @@ def build_model(
     cfg = resolve(config, section, section_name, ids, tokenizer_dir)
     if not section.checkpoint:  # no active mesh here: nnx would read the logical axis names as mesh axes
         return rules.init_sharded(lambda: LlavaModel(cfg, rngs=nnx.Rngs(seed)), mesh)
-    from rskd_jax.pretrained import load_pretrained  # noqa: PLC0415 - pretrained imports this module's peers
 
     kw = source_kwargs(section, config.data.image_size)
     skip = ("vision", "text", "param_dtype", "dtype", "scan_layers")

@@ -24,7 +24,7 @@ def _usage_errors() -> tuple[type, ...]:
     """Exceptions that mean "the input is wrong" (exit 2). ValueError covers DataError, ConversionError and
     CheckpointMismatchError; KeyError is what configs/ and the launchers raise for a config value that names
     nothing (a preset, a data.name); OSError subclasses that name a path the user gave."""
-    from absl import app  # noqa: PLC0415
+    from absl import app  # noqa: PLC0415 (absl only when run as an app)
 
     return (
         app.UsageError,
@@ -39,7 +39,7 @@ def _usage_errors() -> tuple[type, ...]:
 
 def _failures() -> tuple[type, ...]:
     """Exceptions that mean "the run failed for a reason outside the code" (exit 1, one line)."""
-    from rskd_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
+    from rskd_jax.train.checkpoint import CheckpointError  # noqa: PLC0415 (orbax/jax: only once a run has failed)
 
     return (CheckpointError, OSError)
 
@@ -211,7 +211,7 @@ def prog_name() -> str:
 def run_app(main):
     """`absl.app.run(main)` with the error policy above; `--help` exits with status 0 (absl's help flags exit
     with 1)."""
-    from absl import app, flags  # noqa: PLC0415
+    from absl import app, flags  # noqa: PLC0415 (absl only when run as an app)
 
     verbose = _pop_verbose(sys.argv)
     prog = prog_name()

@@ -26,6 +26,7 @@ from rskd_jax.models.llava import LlavaModel
 from rskd_jax.models.lora import LoRAConfig, apply_lora
 from rskd_jax.models.presets import LlavaConfig
 from rskd_jax.parallel import place
+from rskd_jax.parallel.rules import named_shardings
 
 
 def _abstract_model(cfg: LlavaConfig, lora_cfg: LoRAConfig | None) -> LlavaModel:
@@ -41,7 +42,6 @@ def _shardings(model: LlavaModel, mesh, rules=None) -> dict[tuple, jax.sharding.
     if mesh is None:
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return {tuple(k): dev for k, _ in nnx.to_flat_state(state)}
-    from rskd_jax.parallel.rules import named_shardings
 
     tree = named_shardings(state, mesh, rules)
     return {tuple(k): v for k, v in nnx.to_flat_state(tree)}

@@ -20,7 +20,8 @@ from test_models_testlib import llava_from_hf, randomize_
 from transformers.generation import logits_process as hf_lp
 
 from rskd_jax.distill import rollout
-from rskd_jax.models import from_torch, get_preset
+from rskd_jax.convert import from_torch
+from rskd_jax.models import get_preset
 
 BASE = get_preset("tiny")
 CFG = BASE.replace(text=dataclasses.replace(BASE.text, vocab_size=16), image_token_id=15)  # 15 text tokens

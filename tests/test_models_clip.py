@@ -8,7 +8,8 @@ import transformers
 from flax import nnx
 from test_models_testlib import abstract, assert_close, randomize_, state_dict_np
 
-from rskd_jax.models import ClipVisionModel, from_torch, get_preset, interpolate_pos_table
+from rskd_jax.convert import from_torch
+from rskd_jax.models import ClipVisionModel, get_preset, interpolate_pos_table
 
 CFG = get_preset("tiny").vision  # 32 px, 8 px patches (4x4 grid), 3 layers
 

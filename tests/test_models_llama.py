@@ -9,7 +9,8 @@ import transformers
 from flax import nnx
 from test_models_testlib import abstract, assert_close, randomize_, state_dict_np
 
-from rskd_jax.models import LlamaModel, from_torch, get_preset
+from rskd_jax.convert import from_torch
+from rskd_jax.models import LlamaModel, get_preset
 
 CFG = get_preset("tiny").text  # 3 layers, 4 heads / 2 KV heads (GQA), head_dim 16
 

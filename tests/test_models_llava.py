@@ -9,7 +9,8 @@ import transformers
 from flax import nnx
 from test_models_testlib import assert_close, llava_from_hf, randomize_, state_dict_np
 
-from rskd_jax.models import LlavaModel, from_torch, get_preset
+from rskd_jax.convert import from_torch
+from rskd_jax.models import LlavaModel, get_preset
 
 CFG = get_preset("tiny")  # 16 image tokens, image_token_id 127
 N = CFG.image_seq_length

@@ -10,7 +10,8 @@ import transformers
 from flax import nnx
 from test_models_testlib import assert_close, llava_from_hf, randomize_, state_dict_np
 
-from rskd_jax.models import LoRAConfig, apply_lora, from_torch, get_preset, merge_lora, param_counts
+from rskd_jax.convert import from_torch
+from rskd_jax.models import LoRAConfig, apply_lora, get_preset, merge_lora, param_counts
 
 CFG = get_preset("tiny")
 LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.1)  # scale 2

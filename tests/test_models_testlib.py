@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from rskd_jax.models import from_torch
+from rskd_jax.convert import from_torch
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -9,7 +9,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from test_models_testlib import assert_close, llava_from_hf, randomize_
 
-from rskd_jax.models import LlavaModel, from_torch, get_preset
+from rskd_jax.convert import from_torch
+from rskd_jax.models import LlavaModel, get_preset
 from rskd_jax.models.llama import cache_shardings
 from rskd_jax.parallel import (
     init_sharded,

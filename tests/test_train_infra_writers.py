@@ -13,7 +13,7 @@ from flax import nnx
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from rskd_jax.train import writers
-from rskd_jax.train.progress import Progress, format_duration
+from rskd_jax.train.progress import Progress, console_metrics, format_duration
 
 
 def crc32c_bitwise(data: bytes) -> int:
@@ -87,10 +87,10 @@ def split_records(raw: bytes):
 
 
 def test_crc32c_known_vectors():
-    for impl in (writers.crc32c, crc32c_bitwise):
-        assert impl(b"123456789") == 0xE3069283  # RFC 3720 check value
-        assert impl(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
-        assert impl(b"") == 0
+    """The bitwise reference CRC that checks the event files' framing, against RFC 3720's check values."""
+    assert crc32c_bitwise(b"123456789") == 0xE3069283  # RFC 3720 check value
+    assert crc32c_bitwise(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
+    assert crc32c_bitwise(b"") == 0
 
 
 def test_tensorboard_event_file_round_trip(tmp_path):
@@ -222,3 +222,28 @@ def test_progress_line_rates_and_eta():
         t[0] += 1.0
         line = p2.update(step, tokens=100)
     assert line is not None and "step 5/5 (100.0%)" in line and "100.0 tok/s" in line and "ETA 0s" in line
+
+
+def test_console_line_is_short_unless_all_metrics():
+    """The distillation step's metric names (loss terms only for non-zero weights, per-layer feature terms,
+    rollout and optimizer statistics): the line shows the total and at most 4 terms; log_all_metrics all."""
+    m = {
+        "loss/rkl": 0.5, "loss/pg": 0.25, "loss/sft": 1.5, "loss/fkl": 0.75, "loss/feat_proj": 0.125,
+        "loss/feat_text/0": 0.1, "loss/feat_text/1": 0.2, "loss/total": 3.0, "rollout/rev_kl_k3": 0.4,
+        "rollout/length": 12.0, "rollout/iw_mean": 1.0, "rollout/iw_max": 1.5, "rollout/iw_min": 0.5,
+        "teacher/prefix_fallback": 0.0, "data/prompt_not_prefix": 0.0, "grad_norm": 2.0, "skipped": 0.0,
+        "lr": 1e-4,
+    }  # fmt: skip
+    short = console_metrics(m)
+    assert short == {"loss": 3.0, "rkl": 0.5, "pg": 0.25, "sft": 1.5, "fkl": 0.75}
+    assert console_metrics({"loss/total": 2.0, "loss/sft": 2.0, "grad_norm": 1.0}) == {
+        "loss": 2.0,
+        "sft": 2.0,
+    }
+    assert console_metrics(m, all_metrics=True) == m
+    p = Progress(100, every=10, tokens_per_step=512, stream=io.StringIO(), clock=lambda: 0.0)
+    line, long = p.format(10, short), p.format(10, console_metrics(m, True))
+    assert (
+        line.startswith("step 10/100 (10.0%) | loss 3 rkl 0.5 pg 0.25 sft 1.5 fkl 0.75 |") and "ETA" in line
+    )
+    assert len(line) < 120 < len(long) and "grad_norm" in long and "grad_norm" not in line

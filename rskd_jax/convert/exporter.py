@@ -18,7 +18,10 @@ import os
 import pathlib
 import shutil
 
+import jax
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 from rskd_jax.convert import ckpt, hfconfig, keymap
 from rskd_jax.convert.errors import ConversionError
@@ -32,7 +35,9 @@ from rskd_jax.convert.importer import (
     temp_dir_for,
 )
 from rskd_jax.convert.sources import TOKENIZER_FILES
+from rskd_jax.models.layers import Linear
 from rskd_jax.models.presets import LlavaConfig
+from rskd_jax.parallel import place
 
 log = logging.getLogger(__name__)
 BLOCK_BYTES = 32 * 2**20
@@ -69,10 +74,6 @@ class ModelParams:
     """Parameters of an in-memory LlavaModel (fully addressable arrays: single process)."""
 
     def __init__(self, model):
-        from flax import nnx
-
-        from rskd_jax.models.layers import Linear
-
         self.flat = {tuple(k): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
         self.scales = {
             tuple(p): m.lora_scale
@@ -92,8 +93,6 @@ class ModelParams:
         return ckpt.ParamSpec(tuple(v.shape), np.dtype(v.dtype), path in self._stacked)
 
     def get(self, path: tuple, layer: int | None, rows: slice) -> np.ndarray:
-        from rskd_jax.parallel import place  # noqa: PLC0415 - jax only for in-memory models
-
         v = _value(self.flat[path])
         return place.gather((v[layer] if layer is not None else v)[rows])
 
@@ -171,13 +170,9 @@ def _write_tensor(o: Out, params, dst: np.ndarray) -> None:
 def _export(
     cfg: LlavaConfig, params, dst, *, tokenizer_dir, dtype, max_shard_size, overwrite, progress
 ) -> pathlib.Path:
-    from tqdm.auto import tqdm
-
     dst = pathlib.Path(dst).absolute()
     outs, vocab = _plan(cfg, params, dtype)
     if getattr(params, "collective", False):
-        import jax  # noqa: PLC0415
-
         if jax.process_index() != 0:  # take part in the gathers; process 0 writes
             for o in outs:
                 _write_tensor(o, params, np.empty(o.info.shape, o.info.dtype))
@@ -235,7 +230,7 @@ def _export(
 
 
 def _save_tokenizer(src: pathlib.Path, dst: pathlib.Path, image_token_id: int) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers is slow to import; only for the tokenizer)
 
     tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     if IMAGE_TOKEN not in tok.get_vocab():

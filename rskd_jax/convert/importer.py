@@ -19,15 +19,19 @@ import time
 
 import ml_dtypes
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 from rskd_jax.convert import ckpt, keymap
 from rskd_jax.convert.errors import ConversionError, listing
 from rskd_jax.convert.files import Reader, TensorRef, release_memory
 from rskd_jax.convert.lora import LoraAdapter, open_lora
 from rskd_jax.convert.sources import Source, open_source
+from rskd_jax.models import LlavaModel, apply_lora
 from rskd_jax.models.clip_vit import interpolate_pos_table
 from rskd_jax.models.lora import LLAMA_TARGETS, LoRAConfig
 from rskd_jax.models.presets import LlavaConfig
+from rskd_jax.parallel import place
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -57,9 +61,6 @@ class Plan:
 
 def expected_params(cfg: LlavaConfig, lora_cfg: LoRAConfig | None = None) -> dict[tuple, tuple]:
     """{param path: shape} of LlavaModel(cfg) (+ LoRA adapters), from nnx.eval_shape (nothing allocated)."""
-    from flax import nnx
-
-    from rskd_jax.models import LlavaModel, apply_lora
 
     def make():
         m = LlavaModel(cfg, rngs=nnx.Rngs(0))
@@ -226,7 +227,6 @@ def _check_table(entries: list[keymap.Entry], expected: dict[tuple, tuple]) -> N
 
 def execute(plan: Plan, sink, *, progress: bool = True, desc: str = "convert") -> None:
     """Streams every planned tensor through its transform into `sink.write(path, layer, rows, block)`."""
-    from tqdm.auto import tqdm
 
     reader, current = Reader(), None
     with tqdm(total=len(plan.items), unit="tensor", desc=desc, disable=not progress, mininterval=1.0) as bar:
@@ -280,7 +280,7 @@ def commit(tmp: pathlib.Path, dst: pathlib.Path) -> None:
 
 def save_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> int:
     """Copies SRC's tokenizer into DST with `<image>` added if missing (llava-hf: id = old length)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers is slow to import; only for the tokenizer)
 
     try:
         tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
@@ -381,8 +381,6 @@ class ArraySink:
         self._left = {p: (s.shape[0] if s.stacked else 1) * len(s.blocks()) for p, s in params.items()}
 
     def write(self, path: tuple, layer: int | None, rows: slice, block: np.ndarray) -> None:
-        from rskd_jax.parallel import place  # noqa: PLC0415 - jax is imported only when loading to devices
-
         spec = self.params[path]
         host = self._host.get(path)
         if host is None:

@@ -1,6 +1,6 @@
 """In-memory state dicts <-> our parameter pure dict, through the same key table (keymap.entries).
 
-For small models and tests (`rskd_jax.models.from_torch` delegates here): the whole state dict is in memory.
+For small models and tests (`rskd_jax.convert.from_torch` delegates here): the whole state dict is in memory.
 Checkpoint files go through `import_checkpoint` / `export_checkpoint`, which stream.
 """
 

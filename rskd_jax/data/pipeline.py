@@ -3,7 +3,6 @@
 processes.
 
 Order of one component (source i, seed s_i derived from `seed`):
-
     MapDataset.source(src).shuffle(s_i) -> _BatchBlocks(shard_index, shard_count, batch_size) -> .repeat(num_epochs)
 
 `ShuffleMapDataset` reshuffles every epoch (index // len picks the epoch), and `_BatchBlocks` gives process i
@@ -28,6 +27,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from rskd_jax.data.errors import BadRecords, DataError
 
@@ -101,7 +101,7 @@ def _derive_seed(seed: int, i: int) -> int:
 
 def default_shard() -> tuple[int, int]:
     """(jax.process_index(), jax.process_count())."""
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax  # noqa: PLC0415 (rskd_jax.data imports no jax itself)
 
     return jax.process_index(), jax.process_count()
 
@@ -192,7 +192,6 @@ def _absl_flags_ready() -> None:
     """Grain's worker processes read absl flags (e.g. --grain_enable_multiprocess_worker_profiling). Outside an
     absl app (a script, a notebook) nothing parsed them and the read raises UnparsedFlagAccessError: mark them
     parsed, i.e. at their defaults. Under absl.app.run they are parsed already and left alone."""
-    from absl import flags  # noqa: PLC0415
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

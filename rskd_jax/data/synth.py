@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 
 from rskd_jax.data.chat import IMAGE_TOKEN, LLAVA_V1, VICUNA_V1, normalize_turns, render
 from rskd_jax.data.sources import GROUNDING_PROMPT, IDENTIFY_PROMPT, REFER_PROMPT, SCENE_PROMPT, VQA_SUFFIX
+from rskd_jax.data.tokenizer import train_tokenizer
 
 SCENES = ("forest", "water", "farmland", "residential", "airport", "harbour", "desert", "parking")
 URBAN = ("residential", "airport", "harbour", "parking")
@@ -420,6 +421,5 @@ class SynthSource:
 def train_synth_tokenizer(out_dir, vocab_size: int = 800, num_records: int = 2000, seed: int = 0):
     """A small LLaMA-like tokenizer (with `<image>`) trained on rs-synth conversations (both chat
     templates), saved as an HF tokenizer directory; for the demo and tests."""
-    from rskd_jax.data.tokenizer import train_tokenizer  # pylint: disable=g-import-not-at-top
 
     return train_tokenizer(SynthSource(num_records, seed=seed).texts(), out_dir, vocab_size=vocab_size)

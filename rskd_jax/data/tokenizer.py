@@ -35,12 +35,12 @@ def add_image_token(tok):
 
 def load_tokenizer(path: str | os.PathLike):
     """AutoTokenizer from a local model/tokenizer directory (no hub access), with `<image>` added."""
-    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers/sentencepiece: slow, only tokenizer users)
 
     path = pathlib.Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    from transformers.utils import logging as hf_logging  # pylint: disable=g-import-not-at-top
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415 (transformers/sentencepiece: slow, only tokenizer users)
 
     # An original GeoChat / LLaVA directory's config.json names a model type transformers does not know; its
     # "You are using a model of type geochat ..." warning says nothing about the tokenizer: keep it quiet.
@@ -100,8 +100,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     `vocab_size` counts the 256 byte pieces and 3 specials; it is raised to the minimum the characters
     of `texts` need.
     """
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-    from transformers import LlamaTokenizer  # pylint: disable=g-import-not-at-top
+    import sentencepiece as spm  # noqa: PLC0415 (transformers/sentencepiece: slow, only tokenizer users)
+    from transformers import LlamaTokenizer  # noqa: PLC0415 (transformers/sentencepiece: slow, only tokenizer users)
 
     lines = [t.replace("\r", " ") for text in texts for t in text.split("\n") if t.strip()]
     if not lines:

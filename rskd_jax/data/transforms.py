@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from rskd_jax.data import chat
+from rskd_jax.data import tokenizer as tk
 from rskd_jax.data.errors import DataError, log
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -112,7 +113,6 @@ def preprocess_image(image: np.ndarray, size: int, pad_to_square: bool = True) -
 
 class ExampleTransform:
     """Record (`image`, `conversations`, ...) -> one example of the batch contract (no batch axis):
-
     `pixel_values` f32 [S, S, 3]; `input_ids`, `attention_mask`, `loss_mask` i32 [max_len] (right-padded);
     `prompt_ids`, `prompt_mask` i32 [max_prompt_len] (left-padded).
 
@@ -133,8 +133,6 @@ class ExampleTransform:
         template: str = "vicuna_v1",
         pad_to_square: bool = True,
     ):
-        from rskd_jax.data import tokenizer as tk  # pylint: disable=g-import-not-at-top
-
         tok = tk.load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         self.ids = tk.special_ids(tok)
         self.encoder = tk.TextEncoder(tok)

@@ -28,11 +28,15 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rskd_jax.distill import losses as L
 from rskd_jax.distill import prefix as PX
 from rskd_jax.distill import rollout as R
 from rskd_jax.distill.checks import check_feature_terms
+from rskd_jax.models.lora import LoRAParam
+from rskd_jax.parallel import rules
 
 
 # ----------------------------------------------------------------------------------------------- containers
@@ -67,8 +71,6 @@ def trainable_filter(spec: str):
         return len(path) > 0 and path[0] == "maps"
 
     if spec == "lora":
-        from rskd_jax.models.lora import LoRAParam  # noqa: PLC0415
-
         return lambda path, v: isinstance(v, nnx.Param) and (is_map(path) or isinstance(v, LoRAParam))
     if spec in ("all", "all+vision"):
         keep_vision = spec == "all+vision"
@@ -672,10 +674,6 @@ def shardings(tx, parts, mesh) -> dict:
 
     Adam moments (and any other parameter-shaped optimizer state) take their parameter's sharding; counters are
     replicated. Nothing is allocated."""
-    from jax.sharding import NamedSharding  # noqa: PLC0415
-    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
-
-    from rskd_jax.parallel import rules  # noqa: PLC0415
 
     repl = NamedSharding(mesh, P())
     flat, treedef = jax.tree_util.tree_flatten_with_path(parts["params"])

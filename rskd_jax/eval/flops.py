@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from rskd_jax.models.counts import param_counts
+
 CONVENTION = (
     "matmul FLOPs only (2*m*n*k): patch embedding, linear layers, attention scores and values "
     "(full S*S unless causal_halved), projector, LM head; seq_len includes image tokens"
@@ -143,8 +145,6 @@ def forward_flops(
 
 
 def _default_params_fn():
-    from rskd_jax.models.presets import param_counts
-
     return param_counts
 
 

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rskd_jax.data.tokenizer import load_tokenizer
 from rskd_jax.distill.rollout import SamplingConfig, sample
 from rskd_jax.models.cpu_compile import compiler_options
 
@@ -27,8 +28,6 @@ EOS_TEXT = "</s>"
 def load_tokenizer_any(tokenizer):
     """A loaded HF tokenizer from a directory path (with `<image>` added), or the tokenizer itself."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        from rskd_jax.data.tokenizer import load_tokenizer
-
         return load_tokenizer(tokenizer)
     return tokenizer
 

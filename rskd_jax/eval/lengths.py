@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
+from rskd_jax.data import ExampleTransform
+from rskd_jax.data.errors import DataError
+
 log = logging.getLogger(__name__)
 
 BUCKET = 64
@@ -24,7 +27,6 @@ def bucket(n: int, step: int = BUCKET) -> int:
 def longest(transform, records: Iterable[dict]) -> tuple[int, int]:
     """(longest prompt, longest conversation) in tokens, image tokens included; records whose text cannot
     be encoded are left to the real pass, which reports or skips them."""
-    from rskd_jax.data.errors import DataError  # noqa: PLC0415
 
     prompt = total = 0
     for r in records:
@@ -52,8 +54,6 @@ def choose_lengths(
     """(max_prompt_len, max_len) for evaluating `subsets` (random-access record sequences); unset ones are
     sized from the data and logged."""
     if not max_prompt_len or not max_len:
-        from rskd_jax.data import ExampleTransform  # noqa: PLC0415
-
         probe = ExampleTransform(
             tok,
             image_size=1,

@@ -379,7 +379,7 @@ def _as_refs(refs, k: int) -> list[str]:
 
 def rouge_scores(preds: Sequence[str], refs_list: Sequence) -> dict:
     """Mean over samples of the best-reference ROUGE-1 / ROUGE-L F-measure (rouge-score, stemmer), in %."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # noqa: PLC0415 (rouge_score pulls in nltk; only caption scoring)
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     r1, rl = [], []

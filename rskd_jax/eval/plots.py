@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Polygon
+from PIL import Image
 
 from rskd_jax.eval import boxes as boxlib
 
@@ -80,8 +81,6 @@ def plot_confusion(
 
 
 def _load_image(image) -> np.ndarray:
-    from PIL import Image
-
     if isinstance(image, (str, pathlib.Path)):
         with Image.open(image) as im:
             return np.asarray(im.convert("RGB"))

@@ -12,8 +12,8 @@ Inputs (`read_input`):
 one compile per prompt-width bucket) in batches and appends one row per record to the output JSONL (flushed
 after every batch): `runner.prediction_row` (id, task, question, prediction, reference, meta) + `image`, or
 `error` for a record whose image is missing or corrupt. A rerun keeps the answered rows, skips their ids, and
-retries the failed ones. `score_file` scores such a file (or the runner's `predictions/*.jsonl`) with the
-runner's task scorers: `launch/eval.py --config.predictions=FILE`.
+retries the failed ones. `score_file` (runner.py, re-exported here) scores such a file (or the runner's
+`predictions/*.jsonl`) with the runner's task scorers: `launch/eval.py --config.predictions=FILE`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,16 @@ import logging
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from rskd_jax.data import CaptionSource, ExampleTransform, GeoChatBenchSource, SceneFolderSource
 from rskd_jax.data.errors import BadRecords, DataError
 from rskd_jax.data.sources import IMAGE_EXTS, human_gpt, infer_task, read_json_records
+from rskd_jax.eval.generate import Generator, load_tokenizer_any
+from rskd_jax.eval.report import to_jsonable
+from rskd_jax.eval.runner import prediction_row, score_file  # noqa: F401  (score_file: scoring this output)
 
 log = logging.getLogger("rskd_jax.eval")
 
@@ -64,8 +68,6 @@ def _question_rows(path: pathlib.Path, root: pathlib.Path, question: str | None)
 
 def read_input(path, question: str | None = None, image_root=None) -> list[dict]:
     """Records (`id`, `image`, `conversations`, `task`, `meta`) of a prediction input (see the module doc)."""
-    from rskd_jax.data import CaptionSource, GeoChatBenchSource, SceneFolderSource  # noqa: PLC0415
-
     path = pathlib.Path(path)
     if path.is_dir():
         if question is None:
@@ -140,13 +142,6 @@ def predict(
 ) -> dict[str, int]:
     """Answers every record not yet in `out` (JSONL, appended per batch) -> counts
     {answered, skipped (already done), failed (error rows), total}."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    from rskd_jax.data import ExampleTransform  # noqa: PLC0415
-    from rskd_jax.eval.generate import Generator, load_tokenizer_any  # noqa: PLC0415
-    from rskd_jax.eval.report import to_jsonable  # noqa: PLC0415
-    from rskd_jax.eval.runner import prediction_row  # noqa: PLC0415
-
     ids = [str(r["id"]) for r in records]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -195,63 +190,3 @@ def predict(
 
 
 # --------------------------------------------------------------------------------------------- scoring
-
-
-def score_file(path, out_dir=None, *, meteor: bool = False, strict: bool = False, rotated: bool = True):
-    """Task metrics of a predictions JSONL (this module's output or the runner's `predictions/*.jsonl`):
-    rows grouped by task and scored like `runner.evaluate` does; error rows and rows whose task has no
-    scorer are counted, not scored. Writes metrics.{json,md} into `out_dir` when given."""
-    from rskd_jax.eval import report, runner  # noqa: PLC0415
-
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: predictions file not found")
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    groups: dict[str, list[dict]] = {}
-    skipped: dict[str, int] = {}
-    for r in rows:
-        why = "error" if "error" in r else None if r.get("task") in runner.TASK_GROUP else "no scorer"
-        if why:
-            skipped[why] = skipped.get(why, 0) + 1
-        else:
-            groups.setdefault(runner.TASK_GROUP[r["task"]], []).append(r)
-    if not groups:
-        raise DataError(
-            f"{path}: no scorable rows ({skipped or 'empty file'}); tasks: {list(runner.TASK_GROUP)}"
-        )
-    results: dict[str, Any] = {}
-    for group, rs in groups.items():
-        key = path.stem if len(groups) == 1 else f"{path.stem}/{group}"
-        records = [
-            dict(
-                id=r["id"],
-                task=r["task"],
-                image=r.get("image"),
-                meta=r.get("meta") or {},
-                conversations=human_gpt(r.get("question", ""), r.get("reference")),
-            )
-            for r in rs
-        ]
-        preds = [r["prediction"] for r in rs]
-        fig = None if out_dir is None else pathlib.Path(out_dir)
-        if group == "grounding" and any(not rec["image"] for rec in records):
-            fig = None  # the boxes figure needs the images
-        m = runner.score(
-            group,
-            preds,
-            records,
-            None,
-            meteor=meteor,
-            strict=strict,
-            rotated=rotated,
-            figure_dir=fig,
-            key=key,
-        )
-        m.update(dataset=path.stem, not_scored=skipped)
-        results[key] = m
-    if out_dir is not None:
-        report.write_report({path.stem: results}, pathlib.Path(out_dir), title=f"Scores: {path.name}")
-    print(report.markdown_report({path.stem: results}))
-    if skipped:
-        print(f"not scored: {skipped}")
-    return results

@@ -17,6 +17,7 @@ class-sorted folder source keeps every class), deterministically. `run_eval(conf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -25,7 +26,30 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from rskd_jax.data import (
+    CaptionSource,
+    ExampleTransform,
+    GeoChatBenchSource,
+    RSVQASource,
+    SceneFolderSource,
+    SynthSource,
+    eval_batches,
+)
+from rskd_jax.data.errors import DataError
+from rskd_jax.data.sources import human_gpt
+from rskd_jax.data.synth import train_synth_tokenizer
+from rskd_jax.data.tokenizer import special_ids
+from rskd_jax.eval import flops, metrics, plots, report
+from rskd_jax.eval.generate import Generator, load_tokenizer_any
+from rskd_jax.eval.lengths import choose_lengths
+from rskd_jax.eval.report import markdown_report, to_jsonable, write_report
+from rskd_jax.models import LlavaModel, get_preset
+from rskd_jax.pretrained import load_pretrained
 
 log = logging.getLogger("rskd_jax.eval")
 
@@ -178,7 +202,6 @@ def score(
     num_plot: int = 8,
 ) -> dict:
     """Metrics of one task group (see the module doc); writes its PNG into `figure_dir` when given."""
-    from rskd_jax.eval import metrics, plots
 
     stem = _file_stem(key or group)
     if group == "scene":
@@ -259,11 +282,6 @@ def evaluate(
     sharded generator; then `model` may be None if image_size and image_seq_length are given).
     `meteor=False` skips METEOR (it needs Java and takes seconds to start).
     """
-    from tqdm.auto import tqdm
-
-    from rskd_jax.data import ExampleTransform, eval_batches
-    from rskd_jax.eval.generate import Generator, load_tokenizer_any
-    from rskd_jax.eval.lengths import choose_lengths
 
     tok = load_tokenizer_any(tokenizer_dir)
     cfg = model.cfg if model is not None else None
@@ -331,14 +349,11 @@ def evaluate(
                 _write_predictions(out_dir / "predictions" / f"{_file_stem(key)}.jsonl", p, rs)
         log.info("%s: %d examples in %.1f s", name, len(records), seconds)
     if out_dir is not None:
-        from rskd_jax.eval.report import write_report
-
         write_report({model_name: results}, out_dir, title=f"Evaluation: {model_name}")
     return results
 
 
 def _write_predictions(path: pathlib.Path, preds: Sequence[str], records: Sequence[dict]) -> None:
-    from rskd_jax.eval.report import to_jsonable
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -361,11 +376,66 @@ def prediction_row(prediction: str | None, record: dict) -> dict:
 # ------------------------------------------------------------------------------------- models and datasets
 
 
+def score_file(path, out_dir=None, *, meteor: bool = False, strict: bool = False, rotated: bool = True):
+    """Task metrics of a predictions JSONL (`predict.predict`'s output or `predictions/*.jsonl` of `evaluate`):
+    rows grouped by task and scored like `evaluate` does; error rows and rows whose task has no
+    scorer are counted, not scored. Writes metrics.{json,md} into `out_dir` when given."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: predictions file not found")
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    groups: dict[str, list[dict]] = {}
+    skipped: dict[str, int] = {}
+    for r in rows:
+        why = "error" if "error" in r else None if r.get("task") in TASK_GROUP else "no scorer"
+        if why:
+            skipped[why] = skipped.get(why, 0) + 1
+        else:
+            groups.setdefault(TASK_GROUP[r["task"]], []).append(r)
+    if not groups:
+        raise DataError(f"{path}: no scorable rows ({skipped or 'empty file'}); tasks: {list(TASK_GROUP)}")
+    results: dict[str, Any] = {}
+    for group, rs in groups.items():
+        key = path.stem if len(groups) == 1 else f"{path.stem}/{group}"
+        records = [
+            dict(
+                id=r["id"],
+                task=r["task"],
+                image=r.get("image"),
+                meta=r.get("meta") or {},
+                conversations=human_gpt(r.get("question", ""), r.get("reference")),
+            )
+            for r in rs
+        ]
+        preds = [r["prediction"] for r in rs]
+        fig = None if out_dir is None else pathlib.Path(out_dir)
+        if group == "grounding" and any(not rec["image"] for rec in records):
+            fig = None  # the boxes figure needs the images
+        m = score(
+            group,
+            preds,
+            records,
+            None,
+            meteor=meteor,
+            strict=strict,
+            rotated=rotated,
+            figure_dir=fig,
+            key=key,
+        )
+        m.update(dataset=path.stem, not_scored=skipped)
+        results[key] = m
+    if out_dir is not None:
+        write_report({path.stem: results}, pathlib.Path(out_dir), title=f"Scores: {path.name}")
+    print(markdown_report({path.stem: results}))
+    if skipped:
+        print(f"not scored: {skipped}")
+    return results
+
+
 def load_model(checkpoint, dtype: str | None = None, **overrides):
     """An LlavaModel from our converted checkpoint or any directory the converter reads (transformers Llava,
     original LLaVA / GeoChat), via `rskd_jax.load_pretrained`; `dtype` = parameter and compute dtype (None: as
     stored); `overrides`: other LlavaConfig fields."""
-    from rskd_jax.pretrained import load_pretrained
 
     path = pathlib.Path(checkpoint)
     if not path.exists():
@@ -380,10 +450,6 @@ def random_model(cfg, seed: int = 0):
     Filled from NumPy into an abstract model: eager nnx init dispatches (and compiles) one small XLA program
     per parameter, which takes seconds even for the tiny preset.
     """
-    import jax
-    from flax import nnx
-
-    from rskd_jax.models import LlavaModel
 
     model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(seed)))
     rng = np.random.default_rng(seed)
@@ -420,7 +486,6 @@ def _need(path: str, what: str) -> pathlib.Path:
 
 def task_sources(task: str, data_dir: str, c) -> dict[str, Any]:
     """Sources for one task preset from `data_dir` (a folder or a jsonl file; see configs/eval.py)."""
-    from rskd_jax.data import CaptionSource, GeoChatBenchSource, RSVQASource, SceneFolderSource  # noqa: I001
 
     image_root = c.get("image_root", "") or None
     skip = bool(c.get("skip_bad_records", False))
@@ -483,8 +548,6 @@ ALL_LAYOUT = (
 def build_sources(c) -> dict[str, Any]:
     """{name: source} for a configs/eval.py config (`c.preset` = task, `all` or `synth`)."""
     if c.preset == "synth":
-        from rskd_jax.data import SynthSource
-
         return {
             "rs_synth": SynthSource(c.synth_size, image_size=c.synth_image_size, seed=c.seed, split="test")
         }
@@ -511,12 +574,9 @@ class _Cfg(dict):
 
 def run_eval(c) -> dict:
     """The whole `launch/eval.py`: params table, or model + tokenizer + datasets -> metrics and reports."""
-    from rskd_jax.eval import report
 
     out_dir = pathlib.Path(c.out_dir or f"runs/eval/{c.preset}")
     if c.get("predictions"):  # score a predictions file (launch/predict.py output): no model
-        from rskd_jax.eval.predict import score_file
-
         return score_file(c.predictions, out_dir, meteor=c.meteor, strict=c.strict, rotated=c.rotated)
     if c.preset == "params":
         return params_report(
@@ -530,13 +590,10 @@ def run_eval(c) -> dict:
     if not tok_dir and c.preset == "synth":
         tok_dir = out_dir / "tokenizer"
         if not (tok_dir / "tokenizer_config.json").is_file():
-            from rskd_jax.data.synth import train_synth_tokenizer
-
             log.info("training an rs-synth tokenizer into %s", tok_dir)
             train_synth_tokenizer(tok_dir)
     if not tok_dir:
         raise ValueError("set config.tokenizer (or config.checkpoint, a directory holding the tokenizer)")
-    from rskd_jax.eval.generate import load_tokenizer_any
 
     tok = load_tokenizer_any(str(tok_dir))
     if c.checkpoint:
@@ -573,10 +630,6 @@ def run_eval(c) -> dict:
 
 def smoke_config(preset: str, tok, image_size: int | None = None, **overrides):
     """Preset config resized to a tokenizer (vocab, special ids) and an image size: the random smoke model."""
-    import dataclasses
-
-    from rskd_jax.data.tokenizer import special_ids
-    from rskd_jax.models import get_preset
 
     ids = special_ids(tok)
     cfg = get_preset(preset, **overrides)
@@ -596,8 +649,6 @@ def params_report(
 ) -> dict:
     """Paper Table 8 for model presets (abstract models: nothing is allocated): parameters, FLOPs in the
     paper's convention and of the full forward; prints it, writes `params.{md,json}` into out_dir when given."""
-    from rskd_jax.eval import flops, report
-    from rskd_jax.models import get_preset
 
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
     cfgs = {n: get_preset(n) for n in names}

@@ -1,4 +1,4 @@
-"""Model configs (frozen dataclasses), named presets and the paper's parameter-count convention.
+"""Model configs (frozen dataclasses) and named presets (parameter counts: counts.py).
 
 A preset name plus a checkpoint path is all a run config needs to name a model. Sizes come from
 ../shared/reference/geochat.md (CLIP-ViT-L/14, Vicuna-7B/13B v1.5).
@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 SELECT_STRATEGIES = ("patch", "full")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
@@ -175,39 +173,3 @@ def get_preset(name: str, **overrides) -> LlavaConfig:
     if name not in _PRESETS:
         raise KeyError(f"unknown model preset {name!r}; known: {sorted(_PRESETS)}")
     return _PRESETS[name]().replace(**overrides)
-
-
-def param_counts(cfg_or_model) -> dict[str, int]:
-    """Parameter counts per component, from an abstract model (nnx.eval_shape: nothing is allocated).
-
-    `paper_total` is the seed paper's convention (GeoChat-7B = 6,760,723,456 "6760.72M"): LLM + projector +
-    the interpolated CLIP position table, CLIP encoder weights excluded. `total` counts everything.
-    LoRA parameters, if the model has any, are reported under `lora` and excluded from the other keys.
-    """
-    from flax import nnx
-
-    from rskd_jax.models.llava import LlavaModel
-
-    if isinstance(cfg_or_model, LlavaConfig):
-        model = nnx.eval_shape(lambda: LlavaModel(cfg_or_model, rngs=nnx.Rngs(0)))
-    else:
-        model = cfg_or_model
-    size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-    base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-    vision = size(nnx.state(model.vision, base))
-    pos = size(nnx.state(model.vision, base)["pos_embed"])
-    projector = size(nnx.state(model.projector, base))
-    llm = size(nnx.state(model.llm, base))
-    out = dict(
-        vision=vision,
-        vision_without_pos=vision - pos,
-        position_table=pos,
-        projector=projector,
-        llm=llm,
-        paper_total=llm + projector + pos,
-        total=vision + projector + llm,
-    )
-    lora = size(nnx.state(model, nnx.LoRAParam))
-    if lora:
-        out["lora"] = lora
-    return out

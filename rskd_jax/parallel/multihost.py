@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -28,7 +29,7 @@ BATCH_AXES = ("data", "fsdp")
 def _tpu_chip_count() -> int:
     """Google TPU chips on this VM, from PCI ids under /sys (no network, no backend initialisation)."""
     try:
-        from jax._src.hardware_utils import num_available_tpu_chips_and_device_id
+        from jax._src.hardware_utils import num_available_tpu_chips_and_device_id  # noqa: PLC0415 (private jax module; only multi-process / TPU starts)
 
         return num_available_tpu_chips_and_device_id()[0]
     except Exception:  # noqa: BLE001 - private helper moved: fall back to the device files
@@ -50,7 +51,7 @@ def detect_cluster() -> str | None:
 
 
 def is_initialized() -> bool:
-    from jax._src import distributed
+    from jax._src import distributed  # noqa: PLC0415 (private jax module; only multi-process / TPU starts)
 
     return distributed.global_state.client is not None
 
@@ -151,6 +152,4 @@ def host_local_to_global(batch: Any, mesh: jax.sharding.Mesh, spec: P | Mapping[
 def sync(name: str) -> None:
     """Barrier across processes (no-op when single-process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)

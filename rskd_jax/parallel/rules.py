@@ -23,6 +23,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rskd_jax.parallel import place
+
 Rules = tuple[tuple[str, Any], ...]
 
 RULES: Rules = (
@@ -116,7 +118,6 @@ def shard_model(model: nnx.Module, mesh, rules: Rules | None = None) -> nnx.Modu
     """Lays a model's variables out on `mesh` per the rules; in place. Variables already in their sharding
     (models from `init_sharded` / `load_pretrained(mesh=...)`) are left alone; others are moved one at a time,
     also onto meshes spanning several processes (each process places its own shards)."""
-    from rskd_jax.parallel import place  # noqa: PLC0415 - place imports nothing of ours; kept local for clarity
 
     state = nnx.state(model)
     shardings = named_shardings(state, mesh, rules)

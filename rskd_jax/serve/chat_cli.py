@@ -42,7 +42,7 @@ class Chat:
     """The command's state: model, conversation, task, output streams (tests drive it directly)."""
 
     def __init__(self, args, out=sys.stdout):
-        from rskd_jax.serve.session import ChatModel  # noqa: PLC0415 (jax start-up after parsing)
+        from rskd_jax.serve.session import ChatModel  # noqa: PLC0415 (after argument parsing: jax start-up)
 
         self.args, self.out = args, out
         self.model = ChatModel.load(
@@ -59,7 +59,7 @@ class Chat:
         self.open_image(args.image)
 
     def open_image(self, path: str) -> None:
-        from rskd_jax.serve.session import Conversation  # noqa: PLC0415
+        from rskd_jax.serve.session import Conversation  # noqa: PLC0415 (after argument parsing: jax start-up)
 
         self.conv, self.image_path = Conversation(self.model, path), pathlib.Path(path)
 
@@ -70,7 +70,7 @@ class Chat:
         if r.dropped_rounds:
             self.out.write(f"[the {r.dropped_rounds} oldest rounds were left out to fit the context]\n")
         if r.boxes:
-            from rskd_jax.serve.draw import save_boxes  # noqa: PLC0415
+            from rskd_jax.serve.draw import save_boxes  # noqa: PLC0415 (after argument parsing: jax start-up)
 
             png = pathlib.Path(self.args.boxes_dir) / f"{self.image_path.stem}_turn{self.turn}.png"
             save_boxes(self.conv.image, r.text, png)
@@ -95,7 +95,7 @@ class Chat:
             self.task = arg
             self.out.write(f"[task: {arg}]\n")
         elif name == "image" and arg:
-            from rskd_jax.data.errors import DataError  # noqa: PLC0415
+            from rskd_jax.data.errors import DataError  # noqa: PLC0415 (after argument parsing: jax start-up)
 
             try:
                 self.open_image(arg)
@@ -139,14 +139,14 @@ def main(argv: list[str] | None = None, inp=sys.stdin, out=sys.stdout) -> int:
             file=sys.stderr,
         )
         return 2
-    from rskd_jax.convert.errors import ConversionError  # noqa: PLC0415
-    from rskd_jax.data.errors import DataError  # noqa: PLC0415
+    from rskd_jax.convert.errors import ConversionError  # noqa: PLC0415 (after argument parsing: jax start-up)
+    from rskd_jax.data.errors import DataError  # noqa: PLC0415 (after argument parsing: jax start-up)
 
     try:
         for what, path in (("--model", args.model), ("--image", args.image)):
             if not pathlib.Path(path).exists():
                 raise FileNotFoundError(f"{what} {path}: not found")
-        from rskd_jax.data.transforms import decode_image  # noqa: PLC0415
+        from rskd_jax.data.transforms import decode_image  # noqa: PLC0415 (after argument parsing: jax start-up)
 
         decode_image(args.image)  # a bad image fails before the model is loaded
         session = Chat(args, out)

@@ -38,15 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.max_prompt_len < 0:
         print("rskd-predict: error: --batch-size and --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
-    from rskd_jax.convert.errors import ConversionError  # noqa: PLC0415 (jax start-up after parsing)
-    from rskd_jax.data.errors import DataError  # noqa: PLC0415
-    from rskd_jax.eval import predict  # noqa: PLC0415
+    from rskd_jax.convert.errors import ConversionError  # noqa: PLC0415 (after argument parsing: jax start-up)
+    from rskd_jax.data.errors import DataError  # noqa: PLC0415 (after argument parsing: jax start-up)
+    from rskd_jax.eval import predict  # noqa: PLC0415 (after argument parsing: jax start-up)
 
     try:
         records = predict.read_input(args.input, args.question, args.image_root)
         if not pathlib.Path(args.model).exists():
             raise FileNotFoundError(f"--model {args.model}: not found")
-        from rskd_jax.pretrained import load_pretrained  # noqa: PLC0415
+        from rskd_jax.pretrained import load_pretrained  # noqa: PLC0415 (after argument parsing: jax start-up)
 
         model, _ = load_pretrained(args.model, dtype=args.dtype)
         counts = predict.predict(

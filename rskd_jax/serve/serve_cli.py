@@ -28,8 +28,8 @@ def parser() -> argparse.ArgumentParser:
 
 def build(args):
     """The Demo object (model loaded once) for parsed arguments."""
-    from rskd_jax.serve import web  # noqa: PLC0415 (jax start-up after parsing)
-    from rskd_jax.serve.session import ChatModel  # noqa: PLC0415
+    from rskd_jax.serve import web  # noqa: PLC0415 (after argument parsing: jax start-up)
+    from rskd_jax.serve.session import ChatModel  # noqa: PLC0415 (after argument parsing: jax start-up)
 
     model = ChatModel.load(
         args.model,
@@ -45,8 +45,8 @@ def build(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from rskd_jax.convert.errors import ConversionError  # noqa: PLC0415
-    from rskd_jax.data.errors import DataError  # noqa: PLC0415
+    from rskd_jax.convert.errors import ConversionError  # noqa: PLC0415 (after argument parsing: jax start-up)
+    from rskd_jax.data.errors import DataError  # noqa: PLC0415 (after argument parsing: jax start-up)
 
     try:
         if not pathlib.Path(args.model).exists():
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, DataError, FileNotFoundError, ValueError) as e:
         print(f"rskd-serve: error: {e}", file=sys.stderr)
         return 2
-    from rskd_jax.serve.web import serve  # noqa: PLC0415
+    from rskd_jax.serve.web import serve  # noqa: PLC0415 (after argument parsing: jax start-up)
 
     serve(demo, args.host, args.port)
     return 0

@@ -23,6 +23,7 @@ from rskd_jax.data.tokenizer import TextEncoder, special_ids
 from rskd_jax.data.transforms import decode_image, preprocess_image
 from rskd_jax.eval.boxes import Box
 from rskd_jax.eval.generate import Generator, load_tokenizer_any
+from rskd_jax.pretrained import load_pretrained
 from rskd_jax.serve.draw import labelled_boxes
 
 # GeoChat's task identifiers, written as its evaluation prompts write them (data/sources.py).
@@ -90,7 +91,6 @@ class ChatModel:
     @classmethod
     def load(cls, path, *, dtype: str | None = None, tokenizer=None, **kw) -> ChatModel:
         """From anything `rskd_jax.load_pretrained` reads; the tokenizer defaults to the model directory."""
-        from rskd_jax.pretrained import load_pretrained  # noqa: PLC0415
 
         model, _ = load_pretrained(pathlib.Path(path), dtype=dtype or None)
         return cls(model, tokenizer or path, **kw)

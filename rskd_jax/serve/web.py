@@ -30,7 +30,9 @@ import uuid
 import numpy as np
 from PIL import Image
 
+from rskd_jax.data import SynthSource
 from rskd_jax.data.errors import DataError
+from rskd_jax.data.transforms import decode_image
 from rskd_jax.serve.draw import draw_boxes
 from rskd_jax.serve.session import TASKS, ChatModel, Conversation
 
@@ -64,7 +66,6 @@ def default_samples(repo_root: pathlib.Path | None = None) -> list[tuple[str, ob
                     out.append((f"UC Merced {c}/{files[0].name}", str(files[0])))
             if out:
                 return out
-    from rskd_jax.data import SynthSource  # noqa: PLC0415
 
     src = SynthSource(len(SAMPLE_CLASSES), image_size=256, seed=0, split="test")
     return [(f"rs-synth {src[k]['id']}", src[k]["image"]) for k in range(len(src))]
@@ -74,8 +75,6 @@ class Demo:
     """Sessions and the generation queue around one shared ChatModel."""
 
     def __init__(self, model: ChatModel, samples: list[tuple[str, object]], boxed_size: int = 512):
-        from rskd_jax.data.transforms import decode_image  # noqa: PLC0415
-
         self.model, self.boxed_size = model, boxed_size
         self.samples = [(name, decode_image(img)) for name, img in samples]
         self.sessions: collections.OrderedDict[str, Conversation] = collections.OrderedDict()
@@ -143,8 +142,8 @@ def decode_data_url(url: str) -> bytes:
 
 
 def make_app(demo: Demo):
-    from fastapi import FastAPI, HTTPException  # noqa: PLC0415
-    from fastapi.responses import HTMLResponse, Response, StreamingResponse  # noqa: PLC0415
+    from fastapi import FastAPI, HTTPException  # noqa: PLC0415 (optional web extra)
+    from fastapi.responses import HTMLResponse, Response, StreamingResponse  # noqa: PLC0415 (optional web extra)
 
     app = FastAPI(title="rskd-jax demo", docs_url=None, redoc_url=None)
 
@@ -198,7 +197,7 @@ def make_app(demo: Demo):
 
 
 def serve(demo: Demo, host: str = "127.0.0.1", port: int = 7860) -> None:
-    import uvicorn  # noqa: PLC0415
+    import uvicorn  # noqa: PLC0415 (optional web extra)
 
     print(f"rskd-jax demo on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
     uvicorn.run(make_app(demo), host=host, port=port, log_level="warning")

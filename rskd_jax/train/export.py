@@ -18,9 +18,13 @@ import jax
 import ml_collections
 from flax import nnx
 
+from rskd_jax.convert import export_model
 from rskd_jax.convert.ckpt import CheckpointReader
 from rskd_jax.convert.errors import ConversionError
-from rskd_jax.parallel import place, rules
+from rskd_jax.data import load_tokenizer, special_ids
+from rskd_jax.parallel import mesh as mesh_lib
+from rskd_jax.parallel import multihost, place, rules
+from rskd_jax.train import run
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +86,6 @@ def restore_trained(model, state_dir: pathlib.Path, prefix: tuple = ("params", "
 def rebuild_student(workdir: str | pathlib.Path, stage: str = "distill"):
     """(model, tokenizer dir, step dir): the student of `workdir`'s `stage` as its newest complete step left
     it, LoRA adapters unmerged, sharded on this process's mesh (the run's `mesh` config)."""
-    from rskd_jax.data import load_tokenizer, special_ids  # noqa: PLC0415
-    from rskd_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
-    from rskd_jax.train import run  # noqa: PLC0415 - run imports the whole trainer; only this path needs it
 
     workdir = pathlib.Path(workdir).absolute()
     if not is_workdir(workdir):
@@ -131,13 +132,10 @@ def export_run(
 ) -> pathlib.Path:
     """The student of `workdir`'s `stage` (newest complete step) -> transformers Llava directory `dst`
     (LoRA merged, maps dropped). Every process takes part; process 0 writes."""
-    from rskd_jax.convert import export_model  # noqa: PLC0415 - convert is the layer above train's imports
 
     model, tok_dir, _ = rebuild_student(workdir, stage)
     out = export_model(model, model.cfg, dst, tokenizer_dir=tok_dir, overwrite=overwrite, dtype=dtype)
     if jax.process_count() > 1:
-        from rskd_jax.parallel import multihost  # noqa: PLC0415
-
         multihost.sync("export_run")
     return pathlib.Path(out) if out is not None else pathlib.Path(dst)
 

@@ -13,7 +13,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import signal
 import time
 from collections.abc import Callable
 
@@ -21,6 +23,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rskd_jax.build import device_bytes
+from rskd_jax.data.pipeline import make_iterator
 from rskd_jax.distill import step as S
 from rskd_jax.parallel import multihost, place, rules
 from rskd_jax.train import checkpoint as ckpt_lib
@@ -102,11 +106,13 @@ def fit(
     eval_every: int = 0,
     name: str = "train",
     debug=None,
+    log_all_metrics: bool = False,
 ) -> FitResult:
     """Trains `model` (+ `maps`) against `teacher` (None for SFT) to `total_steps`; see the module docstring.
 
     `debug` (config.debug, tests only): {"kill_stage": name, "kill_at_step": k, "kill_signal": "SIGKILL"|"SIGTERM"}
     makes the process signal itself right after step k, to test preemption and crash recovery.
+    `log_all_metrics`: every metric on the console line (default: total loss and the main loss terms).
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -121,8 +127,6 @@ def fit(
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=keep)
     data_it = iter(dataset) if num_workers == 0 else None
     if data_it is None:
-        from rskd_jax.data.pipeline import make_iterator  # noqa: PLC0415
-
         data_it = make_iterator(dataset, num_workers)
     abstract = ckpt_lib.restore_target(jax.eval_shape(lambda: state), mesh)
     restored = ckpt.restore_latest_valid(abstract, data_iter=data_it)
@@ -156,7 +160,7 @@ def fit(
             ok = guard.update(step, float(metrics["skipped"]) == 0.0)
             if ok:
                 avg.update({k: float(v) for k, v in metrics.items()})
-            prog.update(step, {k: float(v) for k, v in metrics.items()}, tokens=tokens)
+            prog.update(step, progress.console_metrics(metrics, log_all_metrics), tokens=tokens)
             if step % log_every == 0 or step == total_steps:
                 scalars = dict(avg.compute(), skipped_total=guard.skipped)
                 avg.reset()
@@ -184,7 +188,6 @@ def fit(
 
 def memory_table(state, frozen, teacher) -> dict[str, tuple[int, int]]:
     """{part: (bytes on the fullest local device, total bytes)} of what a step keeps on the devices."""
-    from rskd_jax.build import device_bytes  # noqa: PLC0415
 
     maps = {k: v for k, v in state.params.items() if k == "maps"} if hasattr(state.params, "items") else {}
     trained = {k: v for k, v in state.params.items() if k != "maps"} if maps else state.params
@@ -250,9 +253,6 @@ def _read_history(workdir: pathlib.Path, upto: int) -> list:
 
 def _debug_kill(debug, name: str, step: int):
     if debug and debug.get("kill_stage") == name and debug.get("kill_at_step") == step:
-        import os  # noqa: PLC0415
-        import signal  # noqa: PLC0415
-
         sig = getattr(signal, debug.get("kill_signal", "SIGKILL"))
         log.warning("[%s] debug: sending %s to myself after step %d", name, sig.name, step)
         os.kill(os.getpid(), sig)

@@ -114,10 +114,10 @@ def backend_for(topo: Topology, backend: str = "auto") -> str:
 
 def target_devices(topo: Topology, backend: str) -> list:
     """The target's devices: libtpu topology devices (nothing attached), or this process's CPU devices."""
-    import jax  # noqa: PLC0415
+    import jax  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     if backend == "tpu":
-        from jax.experimental import topologies  # noqa: PLC0415
+        from jax.experimental import topologies  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
         devs = list(
             topologies.get_topology_desc(
@@ -175,7 +175,7 @@ def run_ids(config):
     tok_dir = config.data.get("tokenizer", "")
     if not tok_dir or not (pathlib.Path(tok_dir) / "tokenizer_config.json").is_file():
         return None
-    from rskd_jax.data import load_tokenizer, special_ids  # noqa: PLC0415
+    from rskd_jax.data import load_tokenizer, special_ids  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     return special_ids(load_tokenizer(tok_dir))
 
@@ -184,7 +184,7 @@ def model_config(config, section, ids=None, **fields):
     """The LlavaConfig a config section names (rskd_jax.build.model_config, as training builds it), with
     `fields` (LlavaConfig field -> value; None = unchanged) applied on top. A checkpoint's own config is not
     read: the section's sizes describe it (training checks that they agree)."""
-    from rskd_jax import build  # noqa: PLC0415
+    from rskd_jax import build  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     return build.model_config(config, section, ids).replace(
         **{k: v for k, v in fields.items() if v is not None}
@@ -205,10 +205,10 @@ def model_configs(config, settings: dict):
 
 def build_abstract(config, s_cfg, t_cfg, spec):
     """Abstract DistillStudent (with LoRA and feature maps, as the distill stage adds them) and teacher."""
-    from flax import nnx  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
-    from rskd_jax.distill import step as S  # noqa: PLC0415
-    from rskd_jax.models import LlavaModel, LoRAConfig, apply_lora  # noqa: PLC0415
+    from rskd_jax.distill import step as S  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
+    from rskd_jax.models import LlavaModel, LoRAConfig, apply_lora  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     def make_student():
         model = LlavaModel(s_cfg, rngs=nnx.Rngs(0))
@@ -230,8 +230,8 @@ def build_abstract(config, s_cfg, t_cfg, spec):
 
 def abstract_batch(config, batch_size: int, sharding) -> dict:
     """ShapeDtypeStructs of one global batch in the data pipeline's contract (rskd_jax.data.transforms)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
+    import jax.numpy as jnp  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     d = config.data
     sds = lambda shape, dt: jax.ShapeDtypeStruct((batch_size, *shape), dt, sharding=sharding)
@@ -247,7 +247,7 @@ def abstract_batch(config, batch_size: int, sharding) -> dict:
 
 def _with_shardings(tree, shardings):
     """`tree`'s leaves (in nnx Variables too) as ShapeDtypeStructs with the matching leaves of `shardings`."""
-    import jax  # noqa: PLC0415
+    import jax  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     leaves, treedef = jax.tree.flatten(tree)
     sh = jax.tree.leaves(shardings)
@@ -274,13 +274,13 @@ class Lowered:
 
 def lower_step(config, devices, *, batch_size: int | None = None, settings: dict | None = None) -> Lowered:
     """The trainer's step on a mesh over `devices`, lowered from abstract inputs (nothing is allocated)."""
-    import jax  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
-    from jax.sharding import NamedSharding  # noqa: PLC0415
-    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+    import jax  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
+    from flax import nnx  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
+    from jax.sharding import NamedSharding  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
-    from rskd_jax.distill import step as S  # noqa: PLC0415
-    from rskd_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
+    from rskd_jax.distill import step as S  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
+    from rskd_jax.parallel import mesh as mesh_lib  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     s_cfg, t_cfg = model_configs(config, settings if settings is not None else resolve_settings(config))
     spec = S.spec_from_config(config, s_cfg)
@@ -383,7 +383,7 @@ def _lora_fwd(text, tokens: int, lora) -> int:
 
 def _decoder(text, queries: int, keys: int) -> tuple[int, int]:
     """(dense, attention-score) forward FLOPs of the decoder: `queries` tokens attending `keys` keys."""
-    from rskd_jax.eval import flops as F  # noqa: PLC0415
+    from rskd_jax.eval import flops as F  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     f = F.llm_flops(text, queries, logits_positions=0)
     attn = text.num_layers * 2 * 2 * queries * keys * text.num_heads * text.head_dim
@@ -413,7 +413,7 @@ def teacher_fwd_parts(spec, fwd, p: int, r: int, n: int, packed: bool) -> dict:
 def teacher_states_bytes(config, t_cfg, spec, devices: int, batch_size: int | None = None) -> dict:
     """Bytes per device of what prefix reuse keeps live from the rollout to the losses, per micro-batch: the
     teacher's KV cache (both phases) and its prompt / response hidden states (the batch over the devices)."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     if not (spec.reuse_teacher_prefix and spec.needs_rollout):
         return dict(cache=0, hidden=0, total=0)
@@ -433,7 +433,7 @@ def teacher_states_bytes(config, t_cfg, spec, devices: int, batch_size: int | No
 
 def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | None = None) -> dict:
     """Analytic FLOPs of one global training step (FLOPS_CONVENTION): total and by component."""
-    from rskd_jax.eval import flops as F  # noqa: PLC0415
+    from rskd_jax.eval import flops as F  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     d = config.data
     b = int(batch_size or d.batch_size)

@@ -1,7 +1,6 @@
 """Stopping cleanly: preemption (SIGTERM, JAX's multi-host preemption sync point) and divergence guards.
 
 Loop pattern (the caller saves, then exits 0):
-
     with PreemptionHandler() as stop:
         for step in range(start, total):
             ...train step...
@@ -29,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def _jax_preemption_service():
     """JAX's preemption sync manager when the distributed client is initialised, else None."""
     try:
-        from jax._src import distributed
+        from jax._src import distributed  # noqa: PLC0415 (private jax module; only multi-process runs)
     except ImportError:  # pragma: no cover - private module moved
         return None
     state = distributed.global_state
@@ -95,8 +95,6 @@ class PreemptionHandler:
     def should_stop(self, step: int) -> bool:
         """True when the loop should save and exit after `step`. Call it on every step on every host."""
         if self.mode == "jax":
-            from jax.experimental import multihost_utils
-
             if multihost_utils.reached_preemption_sync_point(int(step)):
                 self._stop, self.reason = True, self.reason or "preemption sync point"
         if self._stop and not self._logged:

@@ -1,6 +1,9 @@
 """A training progress line: step/total, loss terms, steps/s, tokens/s and ETA, printed every k steps.
 
-    step 120/1000 (12.0%) | loss 1.234 kl 0.5 | 3.21 steps/s | 1.23k tok/s | ETA 4m34s
+    step 120/1000 (12.0%) | loss 1.234 rkl 0.5 pg 0.1 | 3.21 steps/s | 1.23k tok/s | ETA 4m34s
+
+`console_metrics` picks what the line shows: the total loss and the main loss terms (every metric still goes to
+metrics.jsonl and TensorBoard); `log_all_metrics=True` in the config shows all of them.
 
 Rates are measured over the window since the previous printed line (so the first line includes compile
 time and later ones do not); ETA is the remaining steps at the latest rate.
@@ -32,6 +35,21 @@ def format_count(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.2f}{unit}"
     return f"{x:.1f}"
+
+
+MAX_CONSOLE_TERMS = 4  # loss terms shown next to the total loss
+
+
+def console_metrics(metrics: Mapping[str, Any], all_metrics: bool = False) -> dict[str, Any]:
+    """The metrics of the console line: `loss/total` as `loss`, then the first MAX_CONSOLE_TERMS loss terms
+    (`loss/<term>`, which the step reports only for terms with a non-zero weight; per-layer `loss/<term>/<i>`
+    left out) under their term names. `all_metrics`: every metric under its own name."""
+    if all_metrics:
+        return dict(metrics)
+    out = {"loss": metrics["loss/total"]} if "loss/total" in metrics else {}
+    terms = [k for k in metrics if k.startswith("loss/") and k.count("/") == 1 and k != "loss/total"]
+    out.update((k.removeprefix("loss/"), metrics[k]) for k in terms[:MAX_CONSOLE_TERMS])
+    return out
 
 
 class Progress:

@@ -12,7 +12,6 @@ A stage whose checkpoints already reach its step count is not re-run: its final 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import pathlib
 import sys
@@ -22,25 +21,20 @@ import jax
 from flax import nnx
 
 from rskd_jax import build
+from rskd_jax.convert import export_model
+from rskd_jax.data import InstructSource, SynthSource, load_tokenizer, make_dataset, special_ids
+from rskd_jax.data.synth import train_synth_tokenizer
 from rskd_jax.distill import step as S
 from rskd_jax.distill.checks import ConfigError, check_config
+from rskd_jax.eval import report as report_lib
+from rskd_jax.models import LoRAConfig, apply_lora, without_lora
 from rskd_jax.parallel import mesh as mesh_lib
 from rskd_jax.parallel import multihost
 from rskd_jax.train import loop
+from rskd_jax.train.context import Context, transform_for
+from rskd_jax.train.final_eval import evaluate_split, final_report
 
 log = logging.getLogger("rskd_jax")
-
-
-@dataclasses.dataclass
-class Context:
-    config: object
-    workdir: pathlib.Path
-    tokenizer_dir: pathlib.Path
-    ids: object  # SpecialIds
-    vocab_size: int
-    mesh: object
-    train_source: object
-    eval_source: object
 
 
 def setup_logging():
@@ -57,8 +51,6 @@ def setup_logging():
 
 # ----------------------------------------------------------------------------------------------- data
 def make_sources(config, image_size: int):
-    from rskd_jax.data import SynthSource  # noqa: PLC0415
-
     d = config.data
     if d.name == "rs-synth":
         return (
@@ -66,8 +58,6 @@ def make_sources(config, image_size: int):
             SynthSource(d.eval_size, image_size=image_size, seed=config.seed, split="val"),
         )
     if d.name == "geochat_instruct":
-        from rskd_jax.data import InstructSource  # noqa: PLC0415
-
         if not d.instruct_json:
             raise KeyError(
                 "config data.instruct_json: path of GeoChat_Instruct.json is required for "
@@ -96,9 +86,6 @@ def run_mesh(config):
 
 
 def prepare(config, workdir) -> Context:
-    from rskd_jax.data import load_tokenizer, special_ids  # noqa: PLC0415
-    from rskd_jax.data.synth import train_synth_tokenizer  # noqa: PLC0415
-
     workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
     mesh = run_mesh(config)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -165,23 +152,7 @@ def build_model(ctx: Context, mc, seed: int, name: str = "model"):
     return model
 
 
-def transform_for(ctx: Context, cfg):
-    from rskd_jax.data import ExampleTransform  # noqa: PLC0415
-
-    d = ctx.config.data
-    return ExampleTransform(
-        str(ctx.tokenizer_dir),
-        image_size=cfg.vision.image_size,
-        image_seq_length=cfg.image_seq_length,
-        max_len=d.seq_len,
-        max_prompt_len=d.prompt_len,
-        template=d.template,
-    )
-
-
 def dataset_for(ctx: Context, cfg, seed: int):
-    from rskd_jax.data import make_dataset  # noqa: PLC0415
-
     d = ctx.config.data
     shard, count = multihost.process_shard_info(ctx.mesh)
     return make_dataset(
@@ -207,6 +178,7 @@ def _fit_common(ctx: Context):
         num_workers=c.data.num_workers,
         config=c,
         debug=c.get("debug"),
+        log_all_metrics=bool(c.get("log_all_metrics", False)),
     )
 
 
@@ -277,11 +249,8 @@ def sft_only(ctx: Context):
     model = sft_stage(ctx, "sft", c.model, c.seed, "model")
     if ctx.eval_source is None:
         return None
-    from rskd_jax.eval import report  # noqa: PLC0415
-    from rskd_jax.eval.demo import evaluate_split  # noqa: PLC0415
-
     res = evaluate_split(ctx, model, out_dir=ctx.workdir / "eval")
-    report.write_report({"model": res}, ctx.workdir, name="report", title="rs-synth: fine-tuned model")
+    report_lib.write_report({"model": res}, ctx.workdir, name="report", title="rs-synth: fine-tuned model")
     return res
 
 
@@ -289,8 +258,6 @@ def export_student(ctx: Context, model):
     """The distilled student (LoRA merged, feature maps dropped) as a transformers-loadable LLaVA directory.
 
     Multi-process runs gather one tensor block at a time; process 0 writes."""
-    from rskd_jax.convert import export_model  # noqa: PLC0415
-
     dst = ctx.workdir / "student_hf"
     t0 = time.perf_counter()
     export_model(model, model.cfg, dst, tokenizer_dir=ctx.tokenizer_dir, overwrite=True)
@@ -314,8 +281,6 @@ def keep_before(ctx: Context, model):
 
 
 def add_lora(config, model):
-    from rskd_jax.models import LoRAConfig, apply_lora  # noqa: PLC0415
-
     lo = config.lora
     apply_lora(
         model,
@@ -331,8 +296,6 @@ def periodic_eval(ctx: Context):
     c = ctx.config
 
     def fn(model, step):
-        from rskd_jax.eval.demo import evaluate_split  # noqa: PLC0415
-
         res = evaluate_split(ctx, model, limit=min(c.eval.limit or 64, 64))
         return {
             f"eval/{k}/{m}": float(v)
@@ -390,8 +353,6 @@ def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes
     res = distill_stage(ctx, student, teacher)  # consumes `student`
     student_after = res.model
     if wants_report and student_before is None:
-        from rskd_jax.models import without_lora  # noqa: PLC0415
-
         student_before = without_lora(student_after)  # the base weights LoRA was trained on: no copy
     if c.get("export_student", True):
         export_student(ctx, student_after)
@@ -399,8 +360,6 @@ def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes
         return None
     report = None
     if ctx.eval_source is not None and stage in ("auto", "eval"):
-        from rskd_jax.eval.demo import final_report  # noqa: PLC0415
-
         report = final_report(
             ctx,
             teacher=teacher,

@@ -1,9 +1,9 @@
 """Metric writers without TensorFlow: JSONL, TensorBoard event files, console; plus metric helpers.
 
 * `JsonlWriter`        - `workdir/metrics.jsonl`, one JSON object per write: `{"step", "time", **scalars}`.
-* `TensorBoardWriter`  - `events.out.tfevents.*` files written by hand: tf.Event protobufs (scalars as
-                         `simple_value`, texts as string tensors for the text plugin) in TFRecord framing
-                         with masked CRC32C, which is all TensorBoard reads. `read_events` reads them back.
+* `TensorBoardWriter`  - `events.out.tfevents.*` files through tensorboardX (its Event/Summary protobufs and
+                         TFRecord writer): scalars as `simple_value`, texts as string tensors for the text
+                         plugin. `read_events` reads them back.
 * `ConsoleWriter`, `MultiWriter`, `create_default_writer` (files on process 0 only).
   File writers take local paths or URLs (gs://...): see `AppendFile`.
 * `Averages`           - running means of step metrics with `clu.metrics.Average` (clu's metric classes work
@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
 import numpy as np
+from tensorboardX import record_writer
+from tensorboardX.proto import event_pb2, summary_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
 
@@ -185,140 +187,67 @@ class MultiWriter(MetricWriter):
 
 
 # ------------------------------------------------------------------------------- TensorBoard event files
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli polynomial, reflected
-        table.append(c)
-    return table
+class _AppendFileFactory:
+    """tensorboardX's writer-factory hook for URLs: event files at gs:// (and file://) URLs go through
+    AppendFile (tensorstore, the GCS client orbax already uses) instead of tensorboardX's google-cloud-storage
+    writer, which is not a dependency."""
+
+    def open(self, path):
+        return AppendFile(path)
+
+    def directory_check(self, path):
+        pass  # object stores have no directories
 
 
-_CRC_TABLE = _crc32c_table()
+for _scheme in ("gs", "file"):
+    record_writer.register_writer_factory(_scheme, _AppendFileFactory())
 
 
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC: rotate right by 15 and add a constant."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-    """One TFRecord: uint64 length, masked crc of the length, data, masked crc of the data (little endian)."""
-    header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
-
-
-# Minimal protobuf wire encoding for the few tf.Event fields we write.
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64 -> two's complement, 10 bytes
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(num: int, wire: int, payload: bytes) -> bytes:
-    return _varint(num << 3 | wire) + payload
-
-
-def _bytes_field(num: int, data: bytes) -> bytes:
-    return _field(num, 2, _varint(len(data)) + data)
-
-
-def _event(wall_time: float, step: int = 0, *, file_version: str | None = None, values: bytes = b"") -> bytes:
-    """tf.Event: wall_time=1 (double), step=2 (int64), file_version=3 (string), summary=5 (Summary)."""
-    out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        out += _bytes_field(3, file_version.encode())
-    if values:
-        out += _bytes_field(5, values)
-    return out
-
-
-def _scalar_value(tag: str, value: float) -> bytes:
-    """Summary.value=1 -> Value{tag=1, simple_value=2 (float)}."""
-    return _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", value)))
-
-
-def _text_value(tag: str, text: str) -> bytes:
-    """Value{tag=1, metadata=9{plugin_data=1{plugin_name=1:"text"}}, tensor=8{dtype=1:DT_STRING(7),
-    tensor_shape=2:{} (scalar), string_val=8}}."""
-    metadata = _bytes_field(1, _bytes_field(1, b"text"))
-    tensor = _field(1, 0, _varint(7)) + _bytes_field(2, b"") + _bytes_field(8, text.encode())
-    return _bytes_field(
-        1, _bytes_field(1, tag.encode()) + _bytes_field(9, metadata) + _bytes_field(8, tensor)
+def _text_value(tag: str, text: str) -> summary_pb2.Summary.Value:
+    """A string tensor for TensorBoard's text plugin, under `tag` itself (tensorboardX.summary.text appends
+    "/text_summary" to the tag)."""
+    return summary_pb2.Summary.Value(
+        tag=tag,
+        metadata=summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")
+        ),
+        tensor=tensor_pb2.TensorProto(dtype="DT_STRING", string_val=[text.encode()]),
     )
 
 
 class TensorBoardWriter(MetricWriter):
-    """A TensorBoard event file in `logdir` (local or URL): scalars and texts, without TF or tensorboard."""
+    """A TensorBoard event file in `logdir` (local or URL): scalars and texts, encoded with tensorboardX's
+    protobufs and TFRecord writer (no TensorFlow, no tensorboard)."""
 
     def __init__(self, logdir: str | os.PathLike):
+        logdir = os.fspath(logdir).rstrip("/")
+        record_writer.directory_check(logdir)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.rskd"
-        self.path = os.fspath(logdir).rstrip("/") + "/" + name
-        self._f = AppendFile(self.path)
-        self._f.write(tfrecord(_event(time.time(), file_version="brain.Event:2")))
-        self._f.flush()
+        self.path = logdir + "/" + name
+        self._w = record_writer.RecordWriter(self.path)
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.flush()
+
+    def _write(self, event: event_pb2.Event) -> None:
+        self._w.write(event.SerializeToString())
 
     def write_scalars(self, step, scalars):
-        values = b"".join(_scalar_value(k, _scalar(v)) for k, v in scalars.items())
-        self._f.write(tfrecord(_event(time.time(), int(step), values=values)))
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=_scalar(v)) for k, v in scalars.items()]
+        self._write(
+            event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))
+        )
 
     def write_texts(self, step, texts):
-        values = b"".join(_text_value(k, str(v)) for k, v in texts.items())
-        self._f.write(tfrecord(_event(time.time(), int(step), values=values)))
+        values = [_text_value(k, str(v)) for k, v in texts.items()]
+        self._write(
+            event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))
+        )
 
     def flush(self):
-        self._f.flush()
+        self._w.flush()
 
     def close(self):
-        self._f.close()
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, i
-
-
-def _parse(buf: bytes) -> list[tuple[int, int, Any]]:
-    """Protobuf message -> [(field number, wire type, value)] (value: int, or bytes for wire types 1/2/5)."""
-    out, i = [], 0
-    while i < len(buf):
-        key, i = _read_varint(buf, i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            val, i = _read_varint(buf, i)
-        elif wire == 1:
-            val, i = buf[i : i + 8], i + 8
-        elif wire == 5:
-            val, i = buf[i : i + 4], i + 4
-        elif wire == 2:
-            n, i = _read_varint(buf, i)
-            val, i = buf[i : i + n], i + n
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        out.append((num, wire, val))
-    return out
+        self._w.close()
 
 
 def read_tfrecords(path: str | os.PathLike) -> list[bytes]:
@@ -330,13 +259,13 @@ def read_tfrecords(path: str | os.PathLike) -> list[bytes]:
         header = data[i : i + 8]
         (n,) = struct.unpack("<Q", header)
         (hcrc,) = struct.unpack("<I", data[i + 8 : i + 12])
-        if hcrc != masked_crc32c(header):
+        if hcrc != record_writer.masked_crc32c(header):
             raise ValueError(f"{path}: length CRC mismatch at byte {i}")
         payload = data[i + 12 : i + 12 + n]
         if len(payload) != n or len(data) < i + 16 + n:
             raise ValueError(f"{path}: truncated record at byte {i} (expected {n} bytes)")
         (dcrc,) = struct.unpack("<I", data[i + 12 + n : i + 16 + n])
-        if dcrc != masked_crc32c(payload):
+        if dcrc != record_writer.masked_crc32c(payload):
             raise ValueError(f"{path}: data CRC mismatch at byte {i}")
         out.append(payload)
         i += 16 + n
@@ -344,28 +273,18 @@ def read_tfrecords(path: str | os.PathLike) -> list[bytes]:
 
 
 def read_events(path: str | os.PathLike) -> list[dict]:
-    """Decodes a TensorBoardWriter event file: [{wall_time, step, file_version?, scalars, texts}]."""
+    """Decodes an event file: [{wall_time, step, file_version?, scalars, texts}]."""
     events = []
     for rec in read_tfrecords(path):
-        ev: dict[str, Any] = {"step": 0, "scalars": {}, "texts": {}}
-        for num, _, val in _parse(rec):
-            if num == 1:
-                ev["wall_time"] = struct.unpack("<d", val)[0]
-            elif num == 2:
-                ev["step"] = val - (1 << 64) if val >> 63 else val
-            elif num == 3:
-                ev["file_version"] = val.decode()
-            elif num == 5:
-                for vnum, _, value in _parse(val):
-                    if vnum != 1:
-                        continue
-                    fields = {n: v for n, _, v in _parse(value)}
-                    tag = fields[1].decode()
-                    if 2 in fields:
-                        ev["scalars"][tag] = struct.unpack("<f", fields[2])[0]
-                    elif 8 in fields:
-                        strings = [v for n, _, v in _parse(fields[8]) if n == 8]
-                        ev["texts"][tag] = b"".join(strings).decode()
+        e = event_pb2.Event.FromString(rec)
+        ev: dict[str, Any] = {"wall_time": e.wall_time, "step": e.step, "scalars": {}, "texts": {}}
+        if e.file_version:
+            ev["file_version"] = e.file_version
+        for v in e.summary.value:
+            if v.HasField("simple_value"):
+                ev["scalars"][v.tag] = v.simple_value
+            elif v.HasField("tensor"):
+                ev["texts"][v.tag] = b"".join(v.tensor.string_val).decode()
         events.append(ev)
     return events
 

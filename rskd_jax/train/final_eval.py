@@ -1,4 +1,4 @@
-"""The embedded demo's final report: teacher / student before / student after distillation on rs-synth.
+"""The run's `eval` stage (the embedded demo's report): teacher, student before and after distillation on rs-synth.
 
 Writes into the run's workdir:
   report.md / report.json   task tables (scene OA/AA, VQA per type + mOA, grounding acc@0.5/0.25, region captions
@@ -13,8 +13,10 @@ import json
 import logging
 import pathlib
 
+from rskd_jax.data import eval_batches
 from rskd_jax.eval import flops, plots, report, runner
 from rskd_jax.eval.divergence import divergence_to_teacher
+from rskd_jax.train.context import transform_for
 
 log = logging.getLogger("rskd_jax")
 
@@ -52,9 +54,6 @@ def evaluate_split(ctx, model, *, name: str = "model", out_dir=None, limit=None)
 
 def divergences(ctx, students: dict, teacher) -> dict:
     """Token-level KL of each student to the teacher on the evaluation split (training chat template)."""
-    from rskd_jax.data import eval_batches  # noqa: PLC0415
-    from rskd_jax.train.run import transform_for  # noqa: PLC0415
-
     c = ctx.config
     out = {}
     for name, model in students.items():
