@@ -12,7 +12,7 @@ parent down):
     load     rskd_jax.load_pretrained(ROOT/ours, dtype="bfloat16"); peak / bytes of the loaded weights
     forward  one jitted forward at 504 px (1296 image tokens) over a UC Merced image + a 28-token prompt
              (1324 tokens), compiled with rskd_jax.models.compiler_options(); also the compiled program's
-             temp bytes (XLA memory_analysis)
+             temp bytes (XLA memory_analysis), and those of the same program under XLA's default CPU options
     generate a few greedy tokens with rskd_jax.eval.generate.Generator (the project's decode loop)
     export   rskd_jax.convert.export_checkpoint -> ROOT/hf (transformers LlavaForConditionalGeneration)
     hf       transformers on the export in bf16: logits at the prompt's text positions and at the generated
@@ -239,6 +239,11 @@ def run(root: pathlib.Path, new_tokens: int) -> dict:
     out["forward"] = _stage(
         sampler, t0, compile_seconds=round(compile_s, 1), xla_temp_bytes=int(temp), tokens=int(ids.shape[1])
     )
+    # The same program compiled with XLA's default CPU options (compiled only: running it needs a float32 copy
+    # of every weight, which does not fit here): the figure compiler_options() removes.
+    plain = jax.jit(lambda state, ids, px, at: nnx.merge(graphdef, state)(ids, px, logits_at=at).logits)
+    default_temp = plain.lower(state, ids, px, text_at).compile().memory_analysis().temp_size_in_bytes
+    out["forward"]["xla_temp_bytes_default_options"] = int(default_temp)
     out["forward"]["image"] = image
 
     sampler = _reset_peak(sampler)

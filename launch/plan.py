@@ -99,13 +99,11 @@ def main(argv):
     return 0 if result.fits else 3
 
 
-def run_cli():
+def run():  # console script entry point `rskd-plan`
     from rskd_jax.cli import run_app  # noqa: PLC0415
 
     run_app(main)
 
 
-run = run_cli  # console script entry point `rskd-plan`
-
 if __name__ == "__main__":
-    run_cli()
+    run()

@@ -42,11 +42,11 @@ _STAGE = flags.DEFINE_enum(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from rskd_jax.train.run import run  # noqa: PLC0415  (import after flag parsing: jax start-up)
+    from rskd_jax.train.run import run as run_training  # noqa: PLC0415  (import after flag parsing: jax start-up)
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.get("preset", "run"))
-    run(
+    run_training(
         config,
         workdir,
         stage=_STAGE.value,
@@ -56,13 +56,11 @@ def main(argv):
     )
 
 
-def run_cli():
+def run():  # console script entry point `rskd-train`
     from rskd_jax.cli import run_app  # noqa: PLC0415
 
     run_app(main)
 
 
-run = run_cli  # console script entry point `rskd-train`
-
 if __name__ == "__main__":
-    run_cli()
+    run()

@@ -27,9 +27,15 @@ from test_convert_testlib import (
 )
 
 from rskd_jax import load_pretrained
-from rskd_jax.convert import ConversionError, export_checkpoint, hfconfig, import_checkpoint, inspect_path
+from rskd_jax.convert import (
+    ConversionError,
+    export_checkpoint,
+    from_torch,
+    hfconfig,
+    import_checkpoint,
+    inspect_path,
+)
 from rskd_jax.convert.statedict import params_from_state_dict, state_dict_from_params
-from rskd_jax.convert import from_torch
 from rskd_jax.models import LlavaModel
 
 

@@ -19,8 +19,8 @@ from flax import nnx
 from test_models_testlib import llava_from_hf, randomize_
 from transformers.generation import logits_process as hf_lp
 
-from rskd_jax.distill import rollout
 from rskd_jax.convert import from_torch
+from rskd_jax.distill import rollout
 from rskd_jax.models import get_preset
 
 BASE = get_preset("tiny")

@@ -12,8 +12,8 @@ import torch
 import transformers
 from test_models_testlib import llava_from_hf, randomize_
 
-from rskd_jax.eval.divergence import divergence_to_teacher
 from rskd_jax.convert import from_torch
+from rskd_jax.eval.divergence import divergence_to_teacher
 from rskd_jax.models import get_preset
 
 CFG = get_preset("tiny")

@@ -14,11 +14,11 @@ import transformers
 from flax import nnx
 from test_models_testlib import llava_from_hf, randomize_
 
+from rskd_jax.convert import from_torch
 from rskd_jax.data import ExampleTransform, SynthSource
 from rskd_jax.data.synth import train_synth_tokenizer
 from rskd_jax.eval import runner
 from rskd_jax.eval.generate import Generator, clean_text
-from rskd_jax.convert import from_torch
 
 STEPS = 12
 

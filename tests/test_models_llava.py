@@ -192,14 +192,12 @@ def test_config_from_hf_roundtrip():
     assert from_torch.config_from_hf(from_torch.hf_llava_config(cfg)) == cfg
 
 
-def test_splash_attention_interpret_mode_matches_hf(hf_llava, batch, monkeypatch):
+def test_splash_attention_interpret_mode_matches_hf(hf_llava, batch):
     """The TPU splash path (Pallas kernel run in interpret mode on CPU): CLIP (full mask) + decoder (causal,
     left-padded row) give HF's logits at real positions; cached calls fall back to the XLA path."""
-    from rskd_jax.models import layers
 
-    monkeypatch.setattr(layers, "SPLASH_INTERPRET", True)
     ids, mask, px = batch
-    model = llava_from_hf(CFG.replace(attention_impl="splash"), hf_llava)
+    model = llava_from_hf(CFG.replace(attention_impl="splash_interpret"), hf_llava)
     logits = nnx.jit(lambda m, i, p, a: m(i, p, a).logits)(
         model, jnp.asarray(ids), jnp.asarray(px), jnp.asarray(mask)
     )

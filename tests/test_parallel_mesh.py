@@ -96,11 +96,10 @@ def test_init_sharded_and_abstract_shardings(mesh):
     assert specs.k.spec == P(None, ("data", "fsdp"), "tensor", None, None)  # [L, B, K, S, Dh]
 
 
-def test_splash_attention_under_mesh_uses_shard_map(mesh, monkeypatch):
+def test_splash_attention_under_mesh_uses_shard_map(mesh):
     """Splash (Pallas interpret mode on CPU), per shard via shard_map, == XLA attention; gradients too."""
     from rskd_jax.models import layers
 
-    monkeypatch.setattr(layers, "SPLASH_INTERPRET", True)
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((4, 20, 4, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((4, 20, 2, 16)), jnp.float32) for _ in range(2))
@@ -109,8 +108,8 @@ def test_splash_attention_under_mesh_uses_shard_map(mesh, monkeypatch):
     mask = jnp.asarray(valid[:, None, :] & np.tril(np.ones((20, 20), bool))[None])
     ref = layers.attention(q, k, v, mask, "xla")
     with jax.set_mesh(mesh):
-        out = jax.jit(lambda q, k, v, m: layers.attention(q, k, v, m, "splash"))(q, k, v, mask)
-        full = jax.jit(lambda q, k, v: layers.attention(q, k, v, None, "splash"))(q, k, v)
+        out = jax.jit(lambda q, k, v, m: layers.attention(q, k, v, m, "splash_interpret"))(q, k, v, mask)
+        full = jax.jit(lambda q, k, v: layers.attention(q, k, v, None, "splash_interpret"))(q, k, v)
     assert_close(np.asarray(out)[valid], np.asarray(ref)[valid], tol=1e-5, what="causal splash")
     assert_close(full, layers.attention(q, k, v, None, "xla"), tol=1e-5, what="full splash")
     # Backward (splash's custom VJP) matches XLA too, at real query rows.
@@ -118,5 +117,5 @@ def test_splash_attention_under_mesh_uses_shard_map(mesh, monkeypatch):
     grads = lambda impl: jax.grad(
         lambda q, k, v: jnp.sum(jnp.sin(layers.attention(q, k, v, mask, impl)) * w), argnums=(0, 1, 2)
     )(q, k, v)
-    for a, b, name in zip(grads("splash"), grads("xla"), "qkv"):
+    for a, b, name in zip(grads("splash_interpret"), grads("xla"), "qkv"):
         assert_close(a, b, tol=1e-5, what=f"d{name}")

@@ -9,9 +9,9 @@ import transformers
 from PIL import Image
 from test_models_testlib import randomize_
 
+from rskd_jax.convert import from_torch
 from rskd_jax.data.synth import train_synth_tokenizer
 from rskd_jax.eval import runner
-from rskd_jax.convert import from_torch
 
 
 def tiny_hf_model(d: pathlib.Path, seed: int = 5):

@@ -616,7 +616,7 @@ def make_distill_step(config, mesh, student, teacher, *, maps=None, donate: bool
     packed_models = [("student", student.cfg)]
     if not spec.reuse_teacher_prefix:  # with the reuse the teacher runs no packed forward
         packed_models.append(("teacher", teacher.cfg))
-    splash = [m for m, c in packed_models if c.attention_impl == "splash"]
+    splash = [m for m, c in packed_models if c.attention_impl.startswith("splash")]
     if spec.pack_views and spec.needs_rollout and splash:
         logging.warning(
             "loss.pack_views=True: the packed forward of the %s runs XLA attention, not the splash kernel "

@@ -1,8 +1,8 @@
 """Flax NNX ports of CLIP-ViT, the LLaVA projector, LLaMA and the LLaVA/GeoChat model."""
 
 from rskd_jax.models.clip_vit import ClipOutput, ClipVisionModel, interpolate_pos_table
-from rskd_jax.models.cpu_compile import compiler_options
 from rskd_jax.models.counts import param_counts
+from rskd_jax.models.cpu_compile import compiler_options
 from rskd_jax.models.llama import KVCache, LlamaModel, cache_shardings
 from rskd_jax.models.llava import LlavaModel, LlavaOutput
 from rskd_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora, without_lora

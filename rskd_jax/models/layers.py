@@ -65,52 +65,74 @@ class Linear(nnx.Module):
             h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
         return h
 
+    def _project(
+        self, x, dropout_rng, eq: str, kernel_shape, eq_a: str, a_shape, eq_b: str, b_shape, bias_shape
+    ):
+        """x @ kernel (+ bias) (+ LoRA), each weight viewed in `*_shape` (-1 keeps the rest) and contracted
+        with x by an einsum: the plain dot, or the projection read or written in the head-major layout."""
+        view = lambda p, shape: p[...].astype(self.dtype).reshape(shape)
+        x = x.astype(self.dtype)
+        y = jnp.einsum(eq, x, view(self.kernel, kernel_shape))
+        if self.bias is not None:
+            y = y + view(self.bias, bias_shape)
+        if self.lora_a is not None:
+            a = jnp.einsum(eq_a, self._lora_input(x, dropout_rng), view(self.lora_a, a_shape))
+            y = y + (jnp.einsum(eq_b, a, view(self.lora_b, b_shape)) * self.lora_scale).astype(self.dtype)
+        return y
+
     def split_heads(self, x: jax.Array, num_heads: int, dropout_rng: jax.Array | None = None) -> jax.Array:
         """x [B, T, in] -> [B, num_heads, T, out // num_heads]: the projection written straight into the
         head-major layout attention wants (one dot, no transpose of the result on CPU/GPU)."""
         if x.shape[1] == 1:  # one token (decode): the plain dot; moving a size-1 axis is free
             b = x.shape[0]
             return self(x, dropout_rng).reshape(b, 1, num_heads, -1).swapaxes(1, 2)
-        x = x.astype(self.dtype)
-        w = self.kernel[...].astype(self.dtype)
-        w = w.reshape(w.shape[0], num_heads, -1)
-        y = jnp.einsum("btm,mhd->bhtd", x, w)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype).reshape(num_heads, 1, -1)
-        if self.lora_a is not None:
-            a = jnp.dot(self._lora_input(x, dropout_rng), self.lora_a[...].astype(self.dtype))
-            lb = self.lora_b[...].astype(self.dtype)
-            delta = jnp.einsum("btr,rhd->bhtd", a, lb.reshape(lb.shape[0], num_heads, -1))
-            y = y + (delta * self.lora_scale).astype(self.dtype)
-        return y
+        heads = (-1, num_heads, self.kernel.shape[1] // num_heads)
+        return self._project(
+            x,
+            dropout_rng,
+            "btm,mhd->bhtd",
+            heads,
+            "btm,mr->btr",
+            (-1, self.lora_rank),
+            "btr,rhd->bhtd",
+            heads,
+            heads[1:2] + (1, heads[2]),
+        )
 
     def merge_heads(self, o: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         """o [B, H, T, Dh] -> [B, T, out]: the output projection read straight from the head-major layout."""
         if o.shape[2] == 1:  # one token (decode): a free reshape, then the plain dot
             return self(o.swapaxes(1, 2).reshape(o.shape[0], 1, -1), dropout_rng)
-        o = o.astype(self.dtype)
         h, dh = o.shape[1], o.shape[3]
-        w = self.kernel[...].astype(self.dtype)
-        y = jnp.einsum("bhtd,hdm->btm", o, w.reshape(h, dh, w.shape[-1]))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        if self.lora_a is not None:
-            la = self.lora_a[...].astype(self.dtype)
-            a = jnp.einsum("bhtd,hdr->btr", self._lora_input(o, dropout_rng), la.reshape(h, dh, -1))
-            delta = jnp.dot(a, self.lora_b[...].astype(self.dtype))
-            y = y + (delta * self.lora_scale).astype(self.dtype)
-        return y
+        return self._project(
+            o,
+            dropout_rng,
+            "bhtd,hdm->btm",
+            (h, dh, -1),
+            "bhtd,hdr->btr",
+            (h, dh, -1),
+            "btr,rm->btm",
+            (-1, self.kernel.shape[1]),
+            (-1,),
+        )
+
+    @property
+    def lora_rank(self) -> int:
+        return self.lora_a.shape[1] if self.lora_a is not None else 1
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-        x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        if self.lora_a is not None:
-            h = self._lora_input(x, dropout_rng)
-            h = jnp.dot(jnp.dot(h, self.lora_a[...].astype(self.dtype)), self.lora_b[...].astype(self.dtype))
-            y = y + (h * self.lora_scale).astype(self.dtype)
-        return y
+        din, dout = self.kernel.shape
+        return self._project(
+            x,
+            dropout_rng,
+            "...m,mn->...n",
+            (din, dout),
+            "...m,mr->...r",
+            (din, -1),
+            "...r,rn->...n",
+            (-1, dout),
+            (dout,),
+        )
 
 
 class LayerNorm(nnx.Module):
@@ -140,13 +162,6 @@ class RMSNorm(nnx.Module):
         x = x.astype(jnp.float32)
         y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps)
         return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float, *, heads_first: bool = False) -> jax.Array:
-    """Rotary embedding, HF half-split ("rotate_half") layout. x [B, T, H, D] (or [B, H, T, D] with
-    `heads_first`), positions [B, T]."""
-    cos, sin = rope_tables(positions, x.shape[-1], theta, x.dtype, heads_first=heads_first)
-    return apply_rope(x, cos, sin)
 
 
 def rope_tables(positions: jax.Array, d: int, theta: float, dtype, *, heads_first: bool = False):
@@ -185,14 +200,15 @@ def attention_heads(
     impl 'xla': two batched dots + fp32 softmax (XLA fuses the mask/softmax); the operands already have
     their batch dims (B, K) leading, so no transposes are needed. Fully masked rows (pad queries) give a
     uniform average instead of NaN. 'cudnn': jax.nn.dot_product_attention(implementation='cudnn'), GPU and
-    bf16/fp16 only. 'splash': the TPU Pallas kernel (TPU only).
+    bf16/fp16 only. 'splash': the TPU Pallas kernel (TPU only); 'splash_interpret': the same kernel in Pallas
+    interpret mode, on any platform (slow; for tests and debugging).
     """
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, mask)
-    if impl == "splash":
-        return _splash_attention(q, k, v, mask)
+    if impl in ("splash", "splash_interpret"):
+        return _splash_attention(q, k, v, mask, interpret=impl == "splash_interpret")
     if impl != "xla":
-        raise ValueError(f"attention_impl={impl!r}; expected 'xla', 'cudnn' or 'splash'")
+        raise ValueError(f"attention_impl={impl!r}; expected 'xla', 'cudnn', 'splash' or 'splash_interpret'")
     b, h, t, d = q.shape
     kh = k.shape[1]
     q = q.reshape(b, kh, h // kh, t, d) * jnp.asarray(d**-0.5, q.dtype)
@@ -227,18 +243,17 @@ def _cudnn_attention(q, k, v, mask):
     return out.swapaxes(1, 2)
 
 
-SPLASH_INTERPRET = False  # tests set True: run the Pallas kernel in interpret mode on CPU
 SPLASH_BLOCK = 128
 
 
-def _splash_attention(q, k, v, mask):
+def _splash_attention(q, k, v, mask, interpret: bool = False):
     """TPU splash attention for full-sequence forwards (no KV cache): causal + key padding, or full (CLIP).
 
     Key padding becomes segment ids (pads 0, real tokens 1), so real queries never see pads; the sequence is
     padded to a multiple of SPLASH_BLOCK. Under a mesh the kernel runs per shard (shard_map over batch and
     heads, by the rules table). Pad query rows differ from the XLA path's (both are meaningless).
     """
-    if jax.devices()[0].platform != "tpu" and not SPLASH_INTERPRET:
+    if jax.devices()[0].platform != "tpu" and not interpret:
         raise NotImplementedError(
             "attention_impl='splash' is the TPU Pallas kernel; use 'xla' (or 'cudnn' on GPU)"
         )
@@ -275,7 +290,7 @@ def _splash_attention(q, k, v, mask):
             head_shards=1,
             q_seq_shards=1,
             block_sizes=blocks,
-            interpret=SPLASH_INTERPRET,
+            interpret=interpret,
         )
         return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1)))(
             q, k, v, seg
@@ -341,7 +356,6 @@ __all__ = [
     "Linear",
     "LayerNorm",
     "RMSNorm",
-    "rope",
     "rope_tables",
     "apply_rope",
     "attention",

@@ -92,7 +92,7 @@ class LlamaLayer(nnx.Module):
             kv = (k_all, v_all)
         # Calls with a KV cache (rollout prefill/decode) always use the XLA path; so do custom masks (packed
         # views) under 'splash', whose kernel is built for causal + key padding only.
-        cached_or_custom_splash = kv is not None or (custom_mask and self.attention_impl == "splash")
+        cached_or_custom_splash = kv is not None or (custom_mask and self.attention_impl.startswith("splash"))
         impl = "xla" if cached_or_custom_splash else self.attention_impl
         o = attention_heads(q, k, v, mask, impl)
         h = h + checkpoint_name(self.o_proj.merge_heads(o, rngs[3]), "attn_out")

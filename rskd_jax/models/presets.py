@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 SELECT_STRATEGIES = ("patch", "full")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "splash_interpret")  # splash_interpret: tests, debugging
 REMAT_POLICIES = (
     "none",
     "full",

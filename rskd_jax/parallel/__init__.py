@@ -9,7 +9,6 @@ from rskd_jax.parallel.rules import (
     named_shardings,
     partition_specs,
     shard_model,
-    use_rules,
 )
 
 __all__ = [
@@ -24,5 +23,4 @@ __all__ = [
     "named_shardings",
     "partition_specs",
     "shard_model",
-    "use_rules",
 ]

@@ -12,7 +12,6 @@ mesh with axes (data, fsdp, tensor):
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -43,28 +42,12 @@ RULES: Rules = (
     ("cache_seq", None),
 )
 
-_active_rules: list[Rules] = [RULES]
-
-
-@contextlib.contextmanager
-def use_rules(rules: Rules):
-    """Temporarily replace the rules table (for experiments; the default is RULES)."""
-    _active_rules.append(tuple(rules))
-    try:
-        yield
-    finally:
-        _active_rules.pop()
-
-
-def current_rules() -> Rules:
-    return _active_rules[-1]
-
 
 def logical_to_spec(
     names: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None, rules: Rules | None = None
 ) -> P:
     """PartitionSpec for an array with logical axis `names` (see the module docstring for the policy)."""
-    table = dict(rules if rules is not None else current_rules())
+    table = dict(rules if rules is not None else RULES)
     sizes = dict(mesh.shape) if mesh is not None else {}
     used: set[str] = set()
     spec = []
