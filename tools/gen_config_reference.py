@@ -99,6 +99,10 @@ DESCRIPTIONS = {
         "loss.whiten": "Whiten advantages over valid tokens (MiniLLM code whitens, pads included).",
         "loss.temperature": "Temperature of both distributions in the KL / PG terms (no τ² factor).",
         "loss.feature_kind": "`cosine` (1 - cos), `mse`, or `mse_std` (MSE after per-token standardising).",
+        "loss.divergence": "Single-step term (weight `rkl`) on sampled responses: `rkl` (MiniLLM), `fkl`, "
+        "`skew_fkl`, `skew_rkl` (DistiLLM) or `jsd` (GKD).",
+        "loss.skew_alpha": "Mixing weight of `skew_fkl` / `skew_rkl` (DistiLLM's 0.1).",
+        "loss.jsd_beta": "Mixture weight of `jsd` (TRL's convention: 0 = forward KL, 1 = reverse KL).",
         "loss.feature_layers": "(student, teacher) hidden-state index pairs to align; -1 = last (post-norm).",
         "optim.lr": "Peak learning rate of the distillation stage.",
         "optim.warmup_steps": "Linear warm-up steps (clamped to the run length).",
