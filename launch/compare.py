@@ -16,7 +16,10 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_ROOT, "configs", "compare.py"), "Config file[:preset,key=value,...].", lock_config=True
+    "config",
+    os.path.join(_ROOT, "configs", "compare.py"),
+    "Config file[:preset,key=value,...].",
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory. Default: runs/<preset> (runs/compare).")
 

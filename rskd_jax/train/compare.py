@@ -48,7 +48,9 @@ class Method:
 
 
 METHODS = {
-    "sft": Method("sft", {}, "SFT continued on the reference answers (no teacher): the 'more training' control"),
+    "sft": Method(
+        "sft", {}, "SFT continued on the reference answers (no teacher): the 'more training' control"
+    ),
     "word_kd": Method(
         "distill",
         {**GT_ONLY, "loss.weights.sft": 0.5, "loss.weights.fkl": 0.5},
@@ -60,10 +62,16 @@ METHODS = {
         dict(NO_FEAT),
         "MiniLLM: single-step reverse KL + long-term PG on teacher-mixed samples (+ CE/FKL), no feature terms",
     ),
-    "full": Method("distill", {}, "the full method: MiniLLM + cross-modal feature alignment (the demo's loss)"),
-    "no_feat_image": Method("distill", {"loss.weights.feat_image": 0.0}, "full without image-token alignment"),
+    "full": Method(
+        "distill", {}, "the full method: MiniLLM + cross-modal feature alignment (the demo's loss)"
+    ),
+    "no_feat_image": Method(
+        "distill", {"loss.weights.feat_image": 0.0}, "full without image-token alignment"
+    ),
     "no_feat_text": Method("distill", {"loss.weights.feat_text": 0.0}, "full without answer-token alignment"),
-    "alpha0": Method("distill", {"sampling.alpha": 0.0}, "full without teacher mixing (pure student samples)"),
+    "alpha0": Method(
+        "distill", {"sampling.alpha": 0.0}, "full without teacher mixing (pure student samples)"
+    ),
     "no_single_step": Method(
         "distill",
         {"loss.weights.rkl": 0.0, "loss.include_current": True},
@@ -255,7 +263,9 @@ def run_one(ctx, name: str, k: int, student0, teacher, kl_batches, start_kl: dic
 def start_models(ctx):
     """The teacher and the SFT student every method starts from (`compare.start`: an existing demo workdir)."""
     c = ctx.config
-    sctx = dataclasses.replace(ctx, workdir=pathlib.Path(c.compare.start).absolute()) if c.compare.start else ctx
+    sctx = (
+        dataclasses.replace(ctx, workdir=pathlib.Path(c.compare.start).absolute()) if c.compare.start else ctx
+    )
     teacher = run_lib.sft_stage(sctx, "teacher", c.teacher, c.seed, "teacher")
     student = run_lib.sft_stage(sctx, "student_sft", c.student, c.seed + 1, "student")
     return teacher, student
@@ -268,7 +278,11 @@ def start_result(ctx, name, model, teacher, kl_batches) -> dict:
     out = evaluate(ctx, model, teacher if model is not teacher else None, path.parent / name)
     if model is not teacher:
         d = divergence_to_teacher(
-            model, teacher, kl_batches, max_new_tokens=ctx.config.sampling.max_new_tokens, seed=ctx.config.seed
+            model,
+            teacher,
+            kl_batches,
+            max_new_tokens=ctx.config.sampling.max_new_tokens,
+            seed=ctx.config.seed,
         )
         out["start_kl"] = {k: d[k] for k in ("rkl_sampled", "rkl_gt", "fkl_gt") if k in d}
     report_lib.write_json(out, path)
@@ -311,9 +325,19 @@ def compare(config, workdir) -> dict:
     results = []
     for i, (m, k) in enumerate(runs):
         log.info(
-            "[compare] run %d/%d: %s seed %d (%.1f min so far)", i + 1, len(runs), m, k, (time.perf_counter() - t0) / 60
+            "[compare] run %d/%d: %s seed %d (%.1f min so far)",
+            i + 1,
+            len(runs),
+            m,
+            k,
+            (time.perf_counter() - t0) / 60,
         )
         results.append(run_one(ctx, m, k, student0, teacher, kl_batches, start_kl, answers))
     table = compare_report.write(ctx.workdir, results, starts, config=c, wall_s=time.perf_counter() - t0)
-    log.info("[compare] done in %.1f min: %s\n%s", (time.perf_counter() - t0) / 60, ctx.workdir / "compare.md", table)
+    log.info(
+        "[compare] done in %.1f min: %s\n%s",
+        (time.perf_counter() - t0) / 60,
+        ctx.workdir / "compare.md",
+        table,
+    )
     return dict(results=results, starts=starts)

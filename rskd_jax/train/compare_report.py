@@ -62,7 +62,11 @@ def summarise(results: list) -> dict:
 def _cell(d, digits):
     if not d:
         return "–"
-    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}" if d.get("std") is not None else f"{d['mean']:.{digits}f}"
+    return (
+        f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+        if d.get("std") is not None
+        else f"{d['mean']:.{digits}f}"
+    )
 
 
 def markdown(table: dict, starts: dict, columns=COLUMNS) -> str:
@@ -73,7 +77,7 @@ def markdown(table: dict, starts: dict, columns=COLUMNS) -> str:
     ]
     for name, res in starts.items():
         cells = []
-        for col, group, key in cols:
+        for _col, group, key in cols:
             v = metric(res, group, key)
             cells.append("–" if v is None else f"{v:.{4 if group == 'divergence' else 1}f}")
         lines.append(f"| {name} | – | " + " | ".join(cells) + " |")
@@ -114,7 +118,10 @@ def figure(table: dict, results: list, path) -> pathlib.Path:
     ax.set_title("task metrics")
     ax.legend(fontsize=6, ncol=2)
     for j, (key, title) in enumerate(
-        (("rkl_sampled", "reverse KL to the teacher, student samples"), ("fkl_gt", "forward KL, reference answers"))
+        (
+            ("rkl_sampled", "reverse KL to the teacher, student samples"),
+            ("fkl_gt", "forward KL, reference answers"),
+        )
     ):
         ax = fig.add_subplot(1, 3, 2 + j)
         for m, (steps, ys) in mean_curves(results, key).items():
