@@ -49,6 +49,7 @@ def get_config(arg=None):
             eval_limit=0,  # task-metric records per model (0 = every record of the eval split)
             kl_every=20,  # steps between KL-to-teacher points of the curves (0 = start and end only)
             kl_batches=1,  # eval batches of those points
+            report_only=False,  # only write the table / figure of the runs finished so far
             compile_cache=True,  # persistent XLA cache in the workdir (the runs recompile the same programs)
         )
     )

@@ -20,8 +20,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "config_reference.md"
-CONFIGS = ("distill", "sft", "eval")  # configs/<name>.py, in this order
-DESCRIBED_LIKE = {"sft": "distill"}  # sft.py builds on distill.py: shared keys share descriptions
+CONFIGS = ("distill", "sft", "eval", "compare")  # configs/<name>.py, in this order
+DESCRIBED_LIKE = {"sft": "distill", "compare": "distill"}  # sft.py builds on distill.py: shared keys share descriptions
 
 # One line per key (a key missing here shows its trailing comment in the config file, if any). Keep them short
 # and true; a key listed here that no preset has any more is an error (tests/test_docs.py).
@@ -132,6 +132,20 @@ DESCRIPTIONS = {
         "model.vision": "VisionConfig fields replacing the preset's (random-init models only).",
         "model.text": "TextConfig fields replacing the preset's (random-init models only).",
         "model.overrides": "Other LlavaConfig fields, random-init models only.",
+    },
+    "compare": {
+        "preset": "Preset chosen by `:preset` (set for you; `default` or `tiny`).",
+        "total_steps": "Steps of every method (the schedule follows), from the same start.",
+        "export_student": "No transformers export of the compared students.",
+        "compare.methods": "Methods to run (rskd_jax.train.compare.METHODS; docs/distill.md).",
+        "compare.seeds": "Seed indices 0..seeds-1 per method (same data orders for every method).",
+        "compare.start": "A demo workdir with teacher/ and student_sft/ to start from (else trained here).",
+        "compare.eval_limit": "Task-metric records per model (0 = the whole eval split).",
+        "compare.kl_every": "Steps between the KL-curve points (0 = start and end only).",
+        "compare.kl_batches": "Eval batches of each KL-curve point.",
+        "compare.report_only": "Only write the table / figure of the runs finished so far.",
+        "compare.compile_cache": "Persistent XLA compilation cache in the workdir (runs recompile the same "
+        "programs).",
     },
     "eval": {
         "preset": "Preset chosen by `:preset` (a task, `all`, `synth` or `params`).",

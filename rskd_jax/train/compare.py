@@ -308,6 +308,8 @@ def compare(config, workdir) -> dict:
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(workdir).absolute() / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     t0 = time.perf_counter()
+    if c.compare.report_only:
+        return report_only(c, pathlib.Path(workdir))
     ctx = run_lib.prepare(c, workdir)
     run_lib.check_models(ctx)
     teacher, student0 = start_models(ctx)
@@ -340,4 +342,24 @@ def compare(config, workdir) -> dict:
         ctx.workdir / "compare.md",
         table,
     )
+    return dict(results=results, starts=starts)
+
+
+def report_only(config, workdir: pathlib.Path) -> dict:
+    """The table and figure from the runs finished so far (`compare.report_only`: nothing is trained)."""
+    from rskd_jax.train import compare_report  # noqa: PLC0415
+
+    starts = {}
+    for name, label in (("teacher", "teacher"), ("student_sft", "student SFT (start)")):
+        path = workdir / "start" / f"{name}.json"
+        if path.exists():
+            starts[label] = json.loads(path.read_text())
+    results = []
+    for m in config.compare.methods:
+        for k in range(int(config.compare.seeds)):
+            path = workdir / m / f"seed{k}" / "result.json"
+            if path.exists():
+                results.append(json.loads(path.read_text()))
+    log.info("[compare] report of %d finished runs in %s", len(results), workdir)
+    compare_report.write(workdir, results, starts, config=config)
     return dict(results=results, starts=starts)
