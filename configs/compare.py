@@ -30,6 +30,7 @@ ALL_METHODS = (
     "skew_fkl",
     "skew_rkl",
     "jsd",
+    "whiten",
 )
 
 

@@ -35,7 +35,7 @@ def test_every_method_changes_what_it_names():
     assert specs["no_feat_image"].w("feat_image") == 0 and specs["no_feat_image"].w("feat_text") > 0
     assert specs["no_feat_text"].w("feat_text") == 0 and specs["no_feat_text"].w("feat_image") > 0
     assert specs["no_single_step"].w("rkl") == 0 and specs["no_single_step"].include_current
-    assert not specs["no_length_norm"].length_norm
+    assert not specs["no_length_norm"].length_norm and specs["whiten"].whiten and not full.whiten
     assert {specs[m].divergence for m in ("skew_fkl", "skew_rkl", "jsd")} == {"skew_fkl", "skew_rkl", "jsd"}
     assert (C.METHODS["sft"].kind, C.METHODS["seqkd"].kind) == ("sft", "seqkd")  # no teacher in the step
     with pytest.raises(KeyError, match="compare.methods"):

@@ -21,7 +21,10 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "config_reference.md"
 CONFIGS = ("distill", "sft", "eval", "compare")  # configs/<name>.py, in this order
-DESCRIBED_LIKE = {"sft": "distill", "compare": "distill"}  # sft.py builds on distill.py: shared keys share descriptions
+DESCRIBED_LIKE = {
+    "sft": "distill",
+    "compare": "distill",
+}  # sft.py builds on distill.py: shared keys share descriptions
 
 # One line per key (a key missing here shows its trailing comment in the config file, if any). Keep them short
 # and true; a key listed here that no preset has any more is an error (tests/test_docs.py).

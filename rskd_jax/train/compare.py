@@ -78,6 +78,11 @@ METHODS = {
         "full without single-step decomposition: the PG return includes the current token, no exact term",
     ),
     "no_length_norm": Method("distill", {"loss.length_norm": False}, "full with unnormalised PG returns"),
+    "whiten": Method(
+        "distill",
+        {"loss.whiten": True},
+        "full with whitened PG advantages (a baseline, as MiniLLM's code): tuning check, docs/results.md",
+    ),
     "skew_fkl": Method(
         "distill", {"loss.divergence": "skew_fkl"}, "full with DistiLLM's skew forward KL as single-step term"
     ),
