@@ -59,6 +59,30 @@ def test_alpha0_rollout_is_pure_student_sampling():
     np.testing.assert_array_equal(np.asarray(mixed.weights)[np.asarray(mixed.mask) > 0], 1.0)
 
 
+@pytest.mark.slow  # four compiled steps
+def test_term_gradients_add_up_to_the_total():
+    """The per-term gradients of the diagnostics, weighted, sum to the gradient of the full loss."""
+    from configs import distill  # noqa: PLC0415
+
+    from rskd_jax.train.compare_diag import term_gradients  # noqa: PLC0415
+
+    spec = full_spec()
+    _, _, parts = build(spec)
+    student = nnx.merge(parts["graphdef"], parts["params"], parts["frozen"]).model
+    teacher = nnx.merge(parts["teacher_graphdef"], parts["teacher"])
+    c = distill.get_config("tiny")
+    c.sampling.max_new_tokens = 4
+    c.loss.weights = dict(rkl=1.0, pg=0.5, feat_text=0.5, sft=0.0)
+    out = term_gradients(c, student, teacher, make_batch(seed=1), vectors=True)
+    vec = out.pop("vectors")
+    weights = {k: w for k, w in dict(c.loss.weights).items() if w > 0}
+    assert set(vec) == {*weights, "total"}
+    summed = sum(w * vec[k] for k, w in weights.items())
+    np.testing.assert_allclose(np.asarray(summed), np.asarray(vec["total"]), rtol=1e-3, atol=1e-5)
+    assert out["total"]["cos_total"] == pytest.approx(1.0, abs=1e-5)
+    assert all(v["grad_norm"] > 0 for v in out.values())
+
+
 @pytest.mark.slow
 def test_reduced_comparison(tmp_path, monkeypatch):
     """configs/compare.py:tiny (1 seed, 2 steps, sft / seqkd / alpha0): the table, the figure, and

@@ -3,7 +3,12 @@
 `term_gradients(config, student, teacher, batch)` evaluates each weighted term of the config's loss ALONE
 (weight 1, the same rollout key for every term) at the student's current weights, and returns its value,
 the global norm of its gradient on the student's weights (feature maps excluded) and the cosine of that
-gradient with the SFT term's and with the weighted total's.
+gradient with the SFT term's and with the weighted total's. Used like this on the demo's start models:
+
+    from rskd_jax.train import compare as C, run as R
+    teacher, student = C.start_models(ctx)
+    batch = next(iter(R.dataset_for(ctx, student.cfg, C.data_seed(ctx.config, 0))))
+    term_gradients(C.method_config(ctx.config, "full"), student, teacher, batch)
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ def _flat(tree) -> jax.Array:
     return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
 
 
-def term_gradients(config, student, teacher, batch: dict, seed: int = 0) -> dict:
+def term_gradients(config, student, teacher, batch: dict, seed: int = 0, vectors: bool = False) -> dict:
     spec = S.spec_from_config(config, student.cfg)
     maps = S.maps_for_spec(spec, student.cfg, teacher.cfg, nnx.Rngs(config.seed + 7))
     graphdef, params, frozen = nnx.split(
@@ -52,4 +57,6 @@ def term_gradients(config, student, teacher, batch: dict, seed: int = 0) -> dict
         if "sft" in flat:
             out[name]["cos_sft"] = cos(flat[name], flat["sft"])
         out[name]["cos_total"] = cos(flat[name], flat["total"])
+    if vectors:  # the flattened gradients themselves (tests)
+        out["vectors"] = flat
     return out
