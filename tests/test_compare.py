@@ -63,7 +63,6 @@ def test_alpha0_rollout_is_pure_student_sampling():
 def test_term_gradients_add_up_to_the_total():
     """The per-term gradients of the diagnostics, weighted, sum to the gradient of the full loss."""
     from configs import distill  # noqa: PLC0415
-
     from rskd_jax.train.compare_diag import term_gradients  # noqa: PLC0415
 
     spec = full_spec()
