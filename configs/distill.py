@@ -68,6 +68,9 @@ def get_config(arg=None):
     c.export_student = (
         True  # write workdir/student_hf (transformers LlavaForConditionalGeneration) at the end
     )
+    # The report's control: the student SFT checkpoint continued with plain SFT (no teacher) for total_steps,
+    # the distillation's data order and lr schedule (stage student_sft_more/); the paper presets skip it.
+    c.sft_control = True
     c.shared_vision = False  # True when teacher and student share the same frozen CLIP tower (GeoChat 7B/13B)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 = all remaining devices
 
@@ -104,6 +107,18 @@ def get_config(arg=None):
             image_root="",
             template="vicuna_v1",
             skip_bad_records=False,
+            # rs-synth options (rskd_jax.data.synth.SynthSource): box grid, object size factor, rotation step,
+            # objects per image, the training task mix ({} = DEFAULT_TASKS) and the evaluation split's task
+            # cycle (blocks of eval_block records per task group; () = the training mix)
+            synth=dict(
+                grid=1,
+                object_scale=1.0,
+                angle_step=15,
+                max_objects=3,
+                tasks={},
+                eval_cycle=(),
+                eval_block=1,
+            ),
         )
     )
 
@@ -164,6 +179,7 @@ def get_config(arg=None):
         c.student = _model("geochat_7b", checkpoint="", dtype="bfloat16", remat_policy="full")
         c.student.sft_steps = 0
         c.shared_vision = True
+        c.sft_control = False
         c.trainable = "lora"
         c.total_steps = 5000
         c.log_every, c.ckpt_every, c.eval_every = 10, 250, 500
