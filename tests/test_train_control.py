@@ -4,6 +4,7 @@ compiled): the control gets no teacher and a pure-SFT loss, and the same step co
 subset, seed and batches as the distillation stage; the report is asked for all four models."""
 
 import numpy as np
+import pytest
 
 from configs.distill import get_config
 from rskd_jax.train import loop
@@ -14,6 +15,7 @@ def _first_batch(dataset) -> dict:
     return next(iter(dataset))
 
 
+@pytest.mark.slow  # ~20 s alone: builds the tiny models and datasets of every stage (no step is compiled)
 def test_sft_control_gets_no_teacher_and_the_distillation_schedule(tmp_path, monkeypatch):
     config = get_config("tiny")
     config.data.batch_size = 8  # divisible by the 8 test devices (mesh fsdp = all of them)
@@ -45,21 +47,3 @@ def test_sft_control_gets_no_teacher_and_the_distillation_schedule(tmp_path, mon
     assert control["workdir"] == tmp_path / "student_sft_more"
     (rep,) = reports
     assert rep["control"] is control["model"] and rep["after"] is distill["model"]
-
-
-def test_no_control_stage_when_switched_off(tmp_path, monkeypatch):
-    config = get_config("tiny")
-    config.data.batch_size = 8
-    config.export_student = False
-    config.sft_control = False
-    names = []
-
-    def fake_fit(**kw):
-        names.append(kw["name"])
-        return loop.FitResult(kw["model"], None, kw["total_steps"], False, [])
-
-    reports = []
-    monkeypatch.setattr(loop, "fit", fake_fit)
-    monkeypatch.setattr(run_lib, "final_report", lambda ctx, **kw: reports.append(kw))
-    run_lib.run(config, tmp_path)
-    assert names == ["teacher", "student_sft", "distill"] and reports[0]["control"] is None

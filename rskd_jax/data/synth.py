@@ -63,12 +63,14 @@ DEFAULT_TASKS = {
     "region_caption": 0.1,
     "caption": 0.05,
 }
-# The evaluation's task groups (rskd_jax.eval.runner.SELECTORS): `task_cycle` draws a record's task within a group.
+# The groups the evaluation scores separately (rskd_jax.eval.runner.TASK_GROUP): `task_cycle` draws a record's
+# task within a group.
 TASK_GROUPS = {
     "scene": ("scene",),
     "vqa": ("presence", "comp", "rural_urban"),
     "grounding": ("refer", "grounding"),
-    "caption": ("region_caption", "caption"),
+    "region_caption": ("region_caption",),
+    "caption": ("caption",),
 }
 SPLITS = {"train": 0, "val": 1, "test": 2}
 # (long side range, short side range) on the 0-100 grid, and whether the object rotates.
