@@ -183,6 +183,12 @@ def get_config(arg=None):
             eval_block=64,
         )
         c.data.eval_size = 1600
+        # 16 px patches: 16 image tokens per 64 px image (4x fewer than 8 px patches), so the teacher gets 500
+        # steps inside the demo's time budget; 136-token sequences hold rs-synth's longest conversation.
+        c.teacher.vision.patch_size = 16
+        c.student.vision.patch_size = 16
+        c.data.update(seq_len=136, prompt_len=112)
+        c.teacher.sft_steps = 500
         c.eval.update(limit=0, max_new_tokens=64, batch_size=64)
     elif a.preset == "tiny":  # a few seconds; used by tests
         c.total_steps = 6
