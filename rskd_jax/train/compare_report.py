@@ -137,6 +137,12 @@ def figure(table: dict, results: list, path) -> pathlib.Path:
     return path
 
 
+def kl_records(results: list):
+    """Evaluation records of the KL columns (from the runs, not the current config)."""
+    n = {r["divergence"]["n_examples"] for r in results if "n_examples" in r.get("divergence", {})}
+    return "/".join(str(x) for x in sorted(n)) or "–"
+
+
 def write(workdir, results: list, starts: dict, *, config=None, wall_s: float | None = None) -> str:
     workdir = pathlib.Path(workdir)
     table = summarise(results)
@@ -152,7 +158,8 @@ def write(workdir, results: list, starts: dict, *, config=None, wall_s: float | 
         head += [
             "",
             f"{int(c.total_steps)} steps per method, {int(c.compare.seeds)} seeds, batch {c.data.batch_size}, "
-            f"evaluation: {c.compare.eval_limit or 'all'} records per task, KL on {c.data.eval_size} records.",
+            f"evaluation: {c.compare.eval_limit or 'all'} records of the eval split, KL on "
+            f"{kl_records(results)} records.",
         ]
     md = "\n".join(head) + "\n\n" + md + "\n\n![comparison](compare.png)\n"
     (workdir / "compare.md").write_text(md)
