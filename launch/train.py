@@ -34,7 +34,7 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index (with --co
 _STAGE = flags.DEFINE_enum(
     "stage",
     "auto",
-    ["auto", "teacher", "student_sft", "distill", "eval"],
+    ["auto", "teacher", "student_sft", "student_sft_more", "distill", "eval"],
     "Run one stage only (auto = everything the config asks for, resuming what is done).",
 )
 

@@ -21,12 +21,14 @@ LAUNCHERS = {
     "eval": "launch/eval.py",
     "plan": "launch/plan.py",
     "convert": "launch/convert.py",
+    "compare": "launch/compare.py",
 }
 KINDS = ("missing file", "unreadable file", "wrong key", "wrong shape", "wrong type", "empty dataset")
 NOT_APPLICABLE = {
     ("plan", "empty dataset"): "plan compiles from shapes: it reads no data",
 }
 DISTILL = "configs/distill.py:tiny"
+COMPARE = "configs/compare.py:tiny"
 
 
 class Case(NamedTuple):
@@ -55,6 +57,30 @@ CASES = {
         (
             "--config",
             DISTILL,
+            "--config.data.name=geochat_instruct",
+            flag("--config.data.instruct_json=", "empty.json"),
+            flag("--config.data.tokenizer=", "tokenizer"),
+            flag("--workdir=", "workdir"),
+        ),
+        ("empty.json",),
+    ),
+    # -------------------------------------------------------------------------------------------- compare
+    ("compare", "missing file"): Case(
+        ("--config", COMPARE, "--config.compare.start=/nonexistent/demo"),
+        ("compare.start", "/nonexistent/demo"),
+    ),
+    ("compare", "unreadable file"): Case(("--config", P("garbage.py")), ("garbage.py",)),
+    ("compare", "wrong key"): Case(
+        ("--config", COMPARE, "--config.compare.methods=('full','kd2')"), ("compare.methods", "kd2")
+    ),
+    ("compare", "wrong shape"): Case(("--config", COMPARE, "--config.mesh.tensor=3"), ("mesh",)),
+    ("compare", "wrong type"): Case(
+        ("--config", COMPARE, "--config.compare.seeds=three"), ("compare.seeds",)
+    ),
+    ("compare", "empty dataset"): Case(
+        (
+            "--config",
+            COMPARE,
             "--config.data.name=geochat_instruct",
             flag("--config.data.instruct_json=", "empty.json"),
             flag("--config.data.tokenizer=", "tokenizer"),

@@ -80,12 +80,22 @@ def test_demo_report(finished_run):
     ):
         assert heading.lower() in md.lower(), heading
     rep = json.loads((a / "report.json").read_text())
-    before, after = rep["divergence"]["student (before)"], rep["divergence"]["student (after)"]
+    names = ["teacher", "student SFT", "student SFT continued", "student distilled"]
+    assert list(rep["results"]) == names and list(rep["divergence"]) == names[1:]
+    assert all(f"| {n} |" in md for n in names) and "Δ (student distilled − student SFT continued)" in md
+    before, after = rep["divergence"]["student SFT"], rep["divergence"]["student distilled"]
     # distillation moved the student towards the teacher on held-out data, on both measures
     assert after["rkl_sampled"] < before["rkl_sampled"]
     assert after["rkl_gt"] < before["rkl_gt"]
     assert (a / "distill_curves.png").stat().st_size > 1000
     assert set(rep["curves"]) >= {"loss/rkl", "loss/pg", "loss/total", "rollout/rev_kl_k3"}
+    # the control: plain SFT only (no teacher term, no rollout), as many steps as the distillation
+    control = [json.loads(x) for x in (a / "student_sft_more" / "metrics.jsonl").read_text().splitlines()]
+    assert control[-1]["step"] == max(logged(a)) == 6
+    assert {k for r in control for k in r if k.startswith(("loss/", "rollout/"))} == {
+        "loss/sft",
+        "loss/total",
+    }
 
 
 def test_kill_and_resume_is_exact(finished_run, tmp_path):

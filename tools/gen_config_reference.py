@@ -20,8 +20,11 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "config_reference.md"
-CONFIGS = ("distill", "sft", "eval")  # configs/<name>.py, in this order
-DESCRIBED_LIKE = {"sft": "distill"}  # sft.py builds on distill.py: shared keys share descriptions
+CONFIGS = ("distill", "sft", "eval", "compare")  # configs/<name>.py, in this order
+DESCRIBED_LIKE = {
+    "sft": "distill",
+    "compare": "distill",
+}  # sft.py builds on distill.py: shared keys share descriptions
 
 # One line per key (a key missing here shows its trailing comment in the config file, if any). Keep them short
 # and true; a key listed here that no preset has any more is an error (tests/test_docs.py).
@@ -64,6 +67,15 @@ DESCRIPTIONS = {
         "data.image_size": "Input resolution for random-init models (a checkpoint keeps its own, e.g. 504).",
         "data.train_size": "rs-synth: records in the training split.",
         "data.eval_size": "rs-synth: records in the evaluation split (final report).",
+        "data.synth.grid": "rs-synth: box coordinates and sides on multiples of this (0-100 grid; 1 = any).",
+        "data.synth.object_scale": "rs-synth: object size factor (1 = the default sizes).",
+        "data.synth.angle_step": "rs-synth: rotations are multiples of this in [0, 180) (180 = unrotated).",
+        "data.synth.max_objects": "rs-synth: at most this many objects per image.",
+        "data.synth.tasks": "rs-synth: task -> weight of the training (and evaluation) mix; {} = DEFAULT_TASKS.",
+        "data.synth.eval_cycle": "rs-synth evaluation split: task groups cycled in blocks (() = the mix).",
+        "data.synth.eval_block": "rs-synth evaluation split: records per block of `eval_cycle`.",
+        "sft_control": "Adds the control stage `student_sft_more/` (student SFT continued, no teacher, "
+        "the distillation's steps, batches and lr) and its report column.",
         "data.batch_size": "Global batch size (split over processes, and over `grad_accum` micro-batches).",
         "data.seq_len": "Width of `input_ids` (prompt + answer), image tokens included.",
         "data.prompt_len": "Width of the left-padded `prompt_ids` the rollout starts from.",
@@ -99,6 +111,10 @@ DESCRIPTIONS = {
         "loss.whiten": "Whiten advantages over valid tokens (MiniLLM code whitens, pads included).",
         "loss.temperature": "Temperature of both distributions in the KL / PG terms (no τ² factor).",
         "loss.feature_kind": "`cosine` (1 - cos), `mse`, or `mse_std` (MSE after per-token standardising).",
+        "loss.divergence": "Single-step term (weight `rkl`) on sampled responses: `rkl` (MiniLLM), `fkl`, "
+        "`skew_fkl`, `skew_rkl` (DistiLLM) or `jsd` (GKD).",
+        "loss.skew_alpha": "Mixing weight of `skew_fkl` / `skew_rkl` (DistiLLM's 0.1).",
+        "loss.jsd_beta": "Mixture weight of `jsd` (TRL's convention: 0 = forward KL, 1 = reverse KL).",
         "loss.feature_layers": "(student, teacher) hidden-state index pairs to align; -1 = last (post-norm).",
         "optim.lr": "Peak learning rate of the distillation stage.",
         "optim.warmup_steps": "Linear warm-up steps (clamped to the run length).",
@@ -128,6 +144,20 @@ DESCRIPTIONS = {
         "model.vision": "VisionConfig fields replacing the preset's (random-init models only).",
         "model.text": "TextConfig fields replacing the preset's (random-init models only).",
         "model.overrides": "Other LlavaConfig fields, random-init models only.",
+    },
+    "compare": {
+        "preset": "Preset chosen by `:preset` (set for you; `default` or `tiny`).",
+        "total_steps": "Steps of every method (the schedule follows), from the same start.",
+        "export_student": "No transformers export of the compared students.",
+        "compare.methods": "Methods to run (rskd_jax.train.compare.METHODS; docs/distill.md).",
+        "compare.seeds": "Seed indices 0..seeds-1 per method (same data orders for every method).",
+        "compare.start": "A demo workdir with teacher/ and student_sft/ to start from (else trained here).",
+        "compare.eval_limit": "Task-metric records per model (0 = the whole eval split).",
+        "compare.kl_every": "Steps between the KL-curve points (0 = start and end only).",
+        "compare.kl_batches": "Eval batches of each KL-curve point.",
+        "compare.report_only": "Only write the table / figure of the runs finished so far.",
+        "compare.compile_cache": "Persistent XLA compilation cache in the workdir (runs recompile the same "
+        "programs).",
     },
     "eval": {
         "preset": "Preset chosen by `:preset` (a task, `all`, `synth` or `params`).",

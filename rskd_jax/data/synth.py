@@ -63,6 +63,15 @@ DEFAULT_TASKS = {
     "region_caption": 0.1,
     "caption": 0.05,
 }
+# The groups the evaluation scores separately (rskd_jax.eval.runner.TASK_GROUP): `task_cycle` draws a record's
+# task within a group.
+TASK_GROUPS = {
+    "scene": ("scene",),
+    "vqa": ("presence", "comp", "rural_urban"),
+    "grounding": ("refer", "grounding"),
+    "region_caption": ("region_caption",),
+    "caption": ("caption",),
+}
 SPLITS = {"train": 0, "val": 1, "test": 2}
 # (long side range, short side range) on the 0-100 grid, and whether the object rotates.
 _SIZES = {
@@ -234,6 +243,10 @@ class SynthSource:
         tasks: dict[str, float] | None = None,
         angle_step: int = 15,
         max_objects: int = 3,
+        grid: int = 1,
+        object_scale: float = 1.0,
+        task_cycle: Sequence[str] = (),
+        cycle_block: int = 1,
     ):
         if split not in SPLITS:
             raise ValueError(f"split {split!r} not in {sorted(SPLITS)}")
@@ -245,7 +258,20 @@ class SynthSource:
         self.task_names = list(tasks)
         p = np.asarray([tasks[t] for t in self.task_names], np.float64)
         self.task_probs = p / p.sum()
+        if grid < 1 or 100 % grid or object_scale <= 0 or not 1 <= angle_step <= 180:
+            raise ValueError(
+                f"grid={grid} must divide 100, object_scale={object_scale} must be > 0, "
+                f"angle_step={angle_step} must be in [1, 180]"
+            )
         self.angle_step, self.max_objects = angle_step, max_objects
+        self.grid, self.object_scale = grid, object_scale
+        bad = [g for g in task_cycle if not set(TASK_GROUPS.get(g, ("?",))) & set(tasks)]
+        if bad or cycle_block < 1:
+            raise ValueError(
+                f"task_cycle {list(task_cycle)}: groups {bad} have no task in {sorted(tasks)} (groups: "
+                f"{sorted(TASK_GROUPS)}); cycle_block={cycle_block} must be >= 1"
+            )
+        self.task_cycle, self.cycle_block = tuple(task_cycle), int(cycle_block)
         self.scene_prompt = SCENE_PROMPT.format(classes=", ".join(SCENES))
 
     def __len__(self) -> int:
@@ -258,16 +284,28 @@ class SynthSource:
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], index]))
 
+    def _snap(self, size) -> int:
+        """An object side (0-100 grid units at object_scale 1) scaled, on the `grid`, at least one cell."""
+        g = self.grid
+        return max(g, int(round(float(size) * self.object_scale / g)) * g)
+
+    def _corner(self, rng, side: int) -> int:
+        """A random top/left coordinate on the `grid` keeping a side of `side` inside [1, 99]."""
+        if self.grid == 1:
+            return int(rng.integers(1, 100 - side))
+        g = self.grid
+        return int(rng.integers(1, max(2, (99 - side) // g + 1))) * g
+
     def _objects(self, rng, scene: str, n: int) -> list[dict]:
         objs = []
         for _ in range(n):
             name = SCENE_OBJECTS[scene][rng.integers(len(SCENE_OBJECTS[scene]))]
             (lo, hi), short, rot = _SIZES[name]
             for _ in range(30):  # rejection sampling: inside the image, no overlap, ships on water
-                w = int(rng.integers(lo, hi + 1))
-                h = w if short is None else int(rng.integers(short[0], short[1] + 1))
+                w = self._snap(rng.integers(lo, hi + 1))
+                h = w if short is None else self._snap(rng.integers(short[0], short[1] + 1))
                 angle = int(rng.integers(0, 180 // self.angle_step)) * self.angle_step if rot else 0
-                x1, y1 = int(rng.integers(1, 100 - w)), int(rng.integers(1, 100 - h))
+                x1, y1 = self._corner(rng, w), self._corner(rng, h)
                 box = [x1, y1, x1 + w, y1 + h]
                 poly = box_polygon(box, angle)
                 lo_xy, hi_xy = poly.min(0), poly.max(0)
@@ -370,6 +408,11 @@ class SynthSource:
         label = int(rng.integers(len(SCENES)))
         scene = SCENES[label]
         task = self.task_names[rng.choice(len(self.task_names), p=self.task_probs)]
+        if self.task_cycle:  # blocks of `cycle_block` records per group, the task drawn within the group
+            group = TASK_GROUPS[self.task_cycle[(index // self.cycle_block) % len(self.task_cycle)]]
+            names = [t for t in self.task_names if t in group]
+            p = np.asarray([self.task_probs[self.task_names.index(t)] for t in names])
+            task = names[rng.choice(len(names), p=p / p.sum())]
         needs_obj = task in ("refer", "grounding", "region_caption")
         n = int(rng.integers(1 if needs_obj else 0, self.max_objects + 1))
         objs = self._objects(rng, scene, n)

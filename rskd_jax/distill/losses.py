@@ -199,6 +199,25 @@ def generalized_jsd(student_logits, teacher_logits, mask, beta: float = 0.5, tem
     return masked_mean(generalized_jsd_per_token(student_logits, teacher_logits, beta, temperature), mask)
 
 
+TOKEN_DIVERGENCES = ("rkl", "fkl", "skew_fkl", "skew_rkl", "jsd")
+
+
+def token_divergence(name: str, *, skew_alpha: float = 0.1, jsd_beta: float = 0.5) -> Callable:
+    """The per-token divergence `(student_logits, teacher_logits) -> [B, T]` a config names (`loss.divergence`):
+    rkl (MiniLLM's single-step reverse KL), fkl, skew_fkl / skew_rkl (DistiLLM, mixing weight `skew_alpha`),
+    jsd (GKD's generalised JSD, TRL's `beta` convention)."""
+    table = {
+        "rkl": reverse_kl_per_token,
+        "fkl": forward_kl_per_token,
+        "skew_fkl": lambda s, t: skew_forward_kl_per_token(s, t, skew_alpha),
+        "skew_rkl": lambda s, t: skew_reverse_kl_per_token(s, t, skew_alpha),
+        "jsd": lambda s, t: generalized_jsd_per_token(s, t, jsd_beta),
+    }
+    if name not in table:
+        raise ValueError(f"config loss.divergence={name!r}: expected one of {', '.join(TOKEN_DIVERGENCES)}")
+    return table[name]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # MiniLLM long-term (policy-gradient) term.
 

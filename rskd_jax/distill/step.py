@@ -150,6 +150,9 @@ class StepSpec:
     whiten: bool = False
     temperature: float = 1.0
     feature_kind: str = "cosine"
+    divergence: str = "rkl"  # the single-step term on sampled responses (L.TOKEN_DIVERGENCES)
+    skew_alpha: float = 0.1  # skew_fkl / skew_rkl mixing weight (DistiLLM's 0.1)
+    jsd_beta: float = 0.5  # jsd mixture weight (TRL's convention)
     feature_layers: tuple = ()  # ((student_idx, teacher_idx), ...) HF hidden-state indices
     shared_vision: bool = False
     grad_accum: int = 1
@@ -205,6 +208,9 @@ def spec_from_config(cfg, model_cfg) -> StepSpec:
         whiten=lo.whiten,
         temperature=lo.temperature,
         feature_kind=lo.feature_kind,
+        divergence=lo.get("divergence", "rkl"),
+        skew_alpha=lo.get("skew_alpha", 0.1),
+        jsd_beta=lo.get("jsd_beta", 0.5),
         feature_layers=tuple(tuple(p) for p in lo.feature_layers),
         shared_vision=cfg.get("shared_vision", False),
         grad_accum=cfg.optim.get("grad_accum", 1),
@@ -357,11 +363,12 @@ def compute_loss(student: DistillStudent, teacher, batch: dict, rng, spec: StepS
             )
         )
         tau, clip = spec.temperature, spec.clip_eps
+        single_step = L.token_divergence(spec.divergence, skew_alpha=spec.skew_alpha, jsd_beta=spec.jsd_beta)
 
         def per_token(s_lg, t_lg, tok, old, a, w):
             s_lg, t_lg = s_lg / tau, t_lg / tau
             return dict(
-                rkl=L.reverse_kl_per_token(s_lg, t_lg),
+                rkl=single_step(s_lg, t_lg),
                 pg=L.policy_gradient_per_token(L.token_logprobs(s_lg, tok), old, a, w, clip),
             )
 

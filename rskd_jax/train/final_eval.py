@@ -1,8 +1,9 @@
-"""The run's `eval` stage (the embedded demo's report): teacher, student before and after distillation on rs-synth.
+"""The run's `eval` stage (the embedded demo's report): teacher, student SFT, SFT continued and distilled on rs-synth.
 
 Writes into the run's workdir:
   report.md / report.json   task tables (scene OA/AA, VQA per type + mOA, grounding acc@0.5/0.25, region captions
-                            ROUGE), divergence to the teacher, parameters/FLOPs, side by side with the after-before row
+                            ROUGE), divergence to the teacher, parameters/FLOPs, side by side with the Δ row
+                            (distilled − SFT continued)
   distill_curves.png        every loss term of the distillation and the sampled reverse-KL estimate over steps
   eval/<model>/             per-model predictions, confusion matrix and grounding PNGs
 """
@@ -20,7 +21,8 @@ from rskd_jax.train.context import transform_for
 
 log = logging.getLogger("rskd_jax")
 
-NAMES = ("teacher", "student (before)", "student (after)")
+NAMES = ("teacher", "student SFT", "student SFT continued", "student distilled")
+TEACHER, BEFORE, CONTROL, AFTER = NAMES
 
 
 def loss_curves(metrics_jsonl: pathlib.Path, out_png: pathlib.Path) -> dict:
@@ -64,22 +66,27 @@ def divergences(ctx, students: dict, teacher) -> dict:
     return out
 
 
-def final_report(ctx, *, teacher, before, after, distill_dir) -> dict:
+def final_report(ctx, *, teacher, before, after, distill_dir, control=None) -> dict:
+    """Evaluates the teacher, the student SFT checkpoint (the common start), `control` (that checkpoint continued
+    with plain SFT for the distillation's steps; left out when None) and the distilled student; the Δ row is
+    distilled − SFT continued (distilled − SFT without a control): did distillation help?"""
     c = ctx.config
     wd = ctx.workdir
+    models = {TEACHER: teacher, BEFORE: before, CONTROL: control, AFTER: after}
+    models = {n: m for n, m in models.items() if m is not None}
     results = {}
-    for name, model in zip(NAMES, (teacher, before, after)):
+    for name, model in models.items():
         log.info("evaluating %s on %s", name, ctx.eval_source)
-        key = name.replace(" ", "_").replace("(", "").replace(")", "")
-        res = evaluate_split(ctx, model, name=name, out_dir=wd / "eval" / key)
+        res = evaluate_split(ctx, model, name=name, out_dir=wd / "eval" / name.replace(" ", "_"))
         res["params_flops"] = flops.params_flops_metrics(model.cfg, c.data.seq_len)
         results[name] = res
-    div = divergences(ctx, {NAMES[1]: before, NAMES[2]: after}, teacher)
+    div = divergences(ctx, {n: m for n, m in models.items() if n != TEACHER}, teacher)
     curves = loss_curves(pathlib.Path(distill_dir) / "metrics.jsonl", wd / "distill_curves.png")
-    md = report.comparison_report(
-        *(results[n] for n in NAMES),
-        names=NAMES,
-        title="rs-synth: teacher vs student before / after distillation",
+    base = CONTROL if CONTROL in models else BEFORE
+    md = report.markdown_report(
+        results,
+        title="rs-synth: teacher, student SFT, SFT continued (no teacher) and distilled for the same steps",
+        delta=(base, AFTER),
     )
     md += "\n" + divergence_table(div) + "\n"
     if curves:

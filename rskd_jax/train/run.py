@@ -4,8 +4,10 @@ Stages (each in its own sub-directory of the workdir, each resuming from its own
   teacher       fine-tune the teacher on the training data (the demo's tiny teacher; skipped when
                 `teacher.checkpoint` names a converted model and `teacher.sft_steps` is 0)
   student_sft   the "student before distillation" baseline (MiniLLM phase 1; skipped likewise)
+  student_sft_more  the control (`sft_control`): the student SFT checkpoint continued with plain SFT, no
+                teacher, for the distillation's steps, data order and lr schedule
   distill       the full method (configs/distill.py: loss weights, sampling, trainable subset)
-  eval          teacher / student before / student after on the evaluation split -> report.md + report.json
+  eval          teacher / student SFT / SFT continued / distilled on the evaluation split -> report.md + .json
 
 A stage whose checkpoints already reach its step count is not re-run: its final checkpoint is restored.
 """
@@ -36,6 +38,8 @@ from rskd_jax.train.final_eval import evaluate_split, final_report
 
 log = logging.getLogger("rskd_jax")
 
+SFT_CONTROL = "student_sft_more"  # the control stage's sub-directory and name
+
 
 def setup_logging():
     """INFO logs to stderr (absl's handler when launched through absl, else a plain one); library noise muted."""
@@ -53,9 +57,13 @@ def setup_logging():
 def make_sources(config, image_size: int):
     d = config.data
     if d.name == "rs-synth":
+        opts = dict(d.get("synth") or {})  # SynthSource options: geometry, task mix, the eval split's cycle
+        tasks = dict(opts.pop("tasks", None) or {}) or None
+        cycle = dict(task_cycle=tuple(opts.pop("eval_cycle", ())), cycle_block=opts.pop("eval_block", 1))
+        common = dict(image_size=image_size, seed=config.seed, tasks=tasks, **opts)
         return (
-            SynthSource(d.train_size, image_size=image_size, seed=config.seed, split="train"),
-            SynthSource(d.eval_size, image_size=image_size, seed=config.seed, split="val"),
+            SynthSource(d.train_size, split="train", **common),
+            SynthSource(d.eval_size, split="val", **common, **cycle),
         )
     if d.name == "geochat_instruct":
         if not d.instruct_json:
@@ -243,6 +251,31 @@ def distill_stage(ctx: Context, student, teacher):
     return res
 
 
+def sft_control_stage(ctx: Context, student):
+    """The control for "more training": the student SFT checkpoint continued with plain SFT (no teacher) for
+    the distillation's steps, with its data order (dataset seed), lr schedule (`optim`) and trainable subset,
+    in `student_sft_more/`. Consumes `student` (pass a copy); the teacher is never built or called here."""
+    c = ctx.config
+    if c.trainable == "lora":
+        add_lora(c, student)
+    res = loop.fit(
+        workdir=ctx.workdir / SFT_CONTROL,
+        model=student,
+        teacher=None,
+        spec=S.sft_spec(c, student.cfg),
+        optim_cfg=c.optim,
+        trainable=c.trainable,
+        total_steps=c.total_steps,
+        dataset=dataset_for(ctx, student.cfg, c.seed + 2),  # the distill stage's seed: the same batches
+        seed=c.seed + 2,
+        name=SFT_CONTROL,
+        **_fit_common(ctx),
+    )
+    if res.preempted:
+        raise SystemExit(0)
+    return res.model
+
+
 def sft_only(ctx: Context):
     """configs/sft.py: fine-tune `config.model`, then evaluate it (report.md / report.json)."""
     c = ctx.config
@@ -349,6 +382,11 @@ def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes
     if stage == "student_sft":
         return None
     wants_report = ctx.eval_source is not None and stage in ("auto", "eval")
+    control = None
+    if c.get("sft_control", False) and stage in ("auto", "eval", SFT_CONTROL):
+        control = sft_control_stage(ctx, copy_model(student))
+        if stage == SFT_CONTROL:
+            return None
     student_before = keep_before(ctx, student) if wants_report and c.trainable != "lora" else None
     res = distill_stage(ctx, student, teacher)  # consumes `student`
     student_after = res.model
@@ -364,6 +402,7 @@ def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes
             ctx,
             teacher=teacher,
             before=student_before,
+            control=control,
             after=student_after,
             distill_dir=ctx.workdir / "distill",
         )

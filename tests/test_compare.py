@@ -1,0 +1,142 @@
+"""launch/compare.py: the controlled comparison of methods (rskd_jax.train.compare)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_distill_step import build, full_spec, make_batch
+
+from configs import compare as compare_config
+from rskd_jax.data import load_tokenizer
+from rskd_jax.distill import rollout as R
+from rskd_jax.distill import step as S
+from rskd_jax.train import compare as C
+from rskd_jax.train import loop
+
+
+class _Cfg:
+    eos_token_id, pad_token_id, image_token_id = 2, 0, 1
+
+
+def test_every_method_changes_what_it_names():
+    c = compare_config.get_config()
+    assert set(c.compare.methods) == set(C.METHODS)
+    specs = {m: S.spec_from_config(C.method_config(c, m), _Cfg) for m in C.METHODS}
+    full = specs["full"]
+    assert full.weights == dict(c.loss.weights) and full.needs_rollout and full.w("feat_image") > 0
+    assert not specs["word_kd"].needs_rollout and specs["word_kd"].w("fkl") > 0  # no sampling
+    assert specs["minillm"].needs_rollout and not any(
+        specs["minillm"].w(k) for k in ("feat_image", "feat_text", "feat_proj")
+    )
+    assert specs["alpha0"].sampling.alpha == 0 and full.sampling.alpha > 0
+    assert specs["no_feat_image"].w("feat_image") == 0 and specs["no_feat_image"].w("feat_text") > 0
+    assert specs["no_feat_text"].w("feat_text") == 0 and specs["no_feat_text"].w("feat_image") > 0
+    assert specs["no_single_step"].w("rkl") == 0 and specs["no_single_step"].include_current
+    assert not specs["no_length_norm"].length_norm and specs["whiten"].whiten and not full.whiten
+    assert {specs[m].divergence for m in ("skew_fkl", "skew_rkl", "jsd")} == {"skew_fkl", "skew_rkl", "jsd"}
+    assert (C.METHODS["sft"].kind, C.METHODS["seqkd"].kind) == ("sft", "seqkd")  # no teacher in the step
+    with pytest.raises(KeyError, match="compare.methods"):
+        C.check_methods(["full", "kd2"])
+
+
+def test_alpha0_rollout_is_pure_student_sampling():
+    """alpha = 0 with a teacher draws exactly the tokens of student-only sampling with the same key."""
+    spec = full_spec()
+    _, _, parts = build(spec)
+    student = nnx.merge(parts["graphdef"], parts["params"], parts["frozen"]).model
+    teacher = nnx.merge(parts["teacher_graphdef"], parts["teacher"])
+    b = {k: jnp.asarray(v) for k, v in make_batch(seed=2).items()}
+    cfg = R.SamplingConfig(max_new_tokens=6, alpha=0.0)
+    run = lambda t: R.sample(
+        student, t, b["prompt_ids"], b["prompt_mask"], jax.random.key(3), cfg, eos_id=2, pad_id=0,
+        pixel_values=b["pixel_values"],
+    )  # fmt: skip
+    mixed, alone = run(teacher), run(None)
+    np.testing.assert_array_equal(np.asarray(mixed.tokens), np.asarray(alone.tokens))
+    np.testing.assert_array_equal(np.asarray(mixed.weights)[np.asarray(mixed.mask) > 0], 1.0)
+
+
+def test_term_gradients_add_up_to_the_total():
+    """The per-term gradients of the diagnostics, weighted, sum to the gradient of the full loss."""
+    from configs import distill  # noqa: PLC0415
+    from rskd_jax.train.compare_diag import term_gradients  # noqa: PLC0415
+
+    spec = full_spec()
+    _, _, parts = build(spec)
+    student = nnx.merge(parts["graphdef"], parts["params"], parts["frozen"]).model
+    teacher = nnx.merge(parts["teacher_graphdef"], parts["teacher"])
+    c = distill.get_config("tiny")
+    c.sampling.max_new_tokens = 4
+    c.loss.weights = dict(rkl=1.0, pg=0.5, sft=0.0)
+    out = term_gradients(c, student, teacher, make_batch(seed=1), vectors=True)
+    vec = out.pop("vectors")
+    weights = {k: w for k, w in dict(c.loss.weights).items() if w > 0}
+    assert set(vec) == {*weights, "total"}
+    summed = sum(w * vec[k] for k, w in weights.items())
+    np.testing.assert_allclose(np.asarray(summed), np.asarray(vec["total"]), rtol=1e-3, atol=1e-5)
+    assert out["total"]["cos_total"] == pytest.approx(1.0, abs=1e-5)
+    assert all(v["grad_norm"] > 0 for v in out.values())
+
+
+@pytest.mark.slow
+def test_reduced_comparison(tmp_path, monkeypatch):
+    """configs/compare.py:tiny (1 seed, 2 steps, sft / seqkd / alpha0): the table, the figure, and
+    what each method trained on; a rerun skips every finished run."""
+    calls = {}
+    real_fit = loop.fit
+
+    def spy(**kw):
+        batch = next(iter(kw["dataset"]))  # a fresh iterator: the run's own data order is untouched
+        calls[kw["name"]] = dict(teacher=kw["teacher"], spec=kw["spec"], batch=batch)
+        return real_fit(**kw)
+
+    monkeypatch.setattr(loop, "fit", spy)
+    c = compare_config.get_config("tiny")
+    c.data.batch_size = 8  # the 8 test devices (conftest)
+    methods = ("sft", "seqkd", "alpha0")  # word_kd: test_every_method_changes_what_it_names
+    c.compare.update(methods=methods, compile_cache=False)  # no process-wide cache setting from a test
+    starts = []
+    real_start = C.start_models
+    monkeypatch.setattr(
+        C, "start_models", lambda ctx: starts[0] if starts else starts.append(real_start(ctx)) or starts[0]
+    )
+    C.compare(c, tmp_path)
+    out = json.loads((tmp_path / "compare.json").read_text())
+    assert list(out["table"]) == list(methods)
+    for m in methods:
+        row = out["table"][m]
+        assert row["seeds"] == 1 and "scene OA" in row and "reverse KL, student samples" in row
+        assert len(row["scene OA"]["values"]) == 1
+    md = (tmp_path / "compare.md").read_text()
+    assert all(f"| {m} | 1 |" in md for m in methods) and "| teacher |" in md
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    curve = [p["step"] for p in out["runs"][0]["curve"]]
+    assert curve == [0, 1, 2]
+
+    # the SFT control and seqkd never get a teacher; their steps log cross-entropy only
+    for m in ("sft", "seqkd"):
+        assert calls[f"{m}/seed0"]["teacher"] is None
+        hist = json.loads((tmp_path / f"{m}/seed0/result.json").read_text())["history"]
+        keys = {k for h in hist for k in h}
+        assert {k for k in keys if k.startswith(("loss/", "rollout/"))} == {"loss/sft", "loss/total"}
+    # alpha0: every sampled token's importance weight q / (0 p + q) is 1: pure student sampling
+    a0 = json.loads((tmp_path / "alpha0/seed0/result.json").read_text())["history"]
+    assert all(h["rollout/iw_min"] == h["rollout/iw_max"] == 1.0 for h in a0)
+    assert calls["alpha0/seed0"]["spec"].sampling.alpha == 0.0
+    # seqkd trains on the teacher's answers (cached), not on the references
+    answers = json.loads((tmp_path / "seqkd_answers.json").read_text())
+    tok = load_tokenizer(tmp_path / "tokenizer")
+    for name, expect_teacher in (("seqkd/seed0", True), ("sft/seed0", False)):
+        b = calls[name]["batch"]
+        texts = []
+        for ids, lm in zip(b["input_ids"], b["loss_mask"]):
+            texts.append("".join(tok.decode(ids[lm > 0], skip_special_tokens=True).split()))
+        hits = sum(t in {"".join(a.split()) for a in answers.values()} for t in texts)
+        assert (hits == len(texts)) if expect_teacher else (hits < len(texts)), (name, texts)
+
+    calls.clear()
+    C.compare(c, tmp_path)  # resumable: nothing is trained again (the start models are memoised above)
+    assert not [n for n in calls if "/seed" in n]
