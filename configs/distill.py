@@ -160,7 +160,13 @@ def get_config(arg=None):
     )
     c.optim.total_steps = c.get_ref("total_steps")
     c.eval = ml_collections.ConfigDict(
-        dict(tasks=("scene", "vqa", "grounding", "caption"), limit=150, max_new_tokens=24, batch_size=32)
+        dict(
+            tasks=("scene", "vqa", "grounding", "caption"),
+            limit=150,
+            max_new_tokens=24,
+            batch_size=32,
+            divergence_limit=0,
+        )
     )
 
     if a.preset == "demo":
@@ -192,7 +198,7 @@ def get_config(arg=None):
         c.student.vision.patch_size = 16
         c.data.update(seq_len=136, prompt_len=112)
         c.teacher.sft_steps = 500
-        c.eval.update(limit=0, max_new_tokens=64, batch_size=64)
+        c.eval.update(limit=0, max_new_tokens=64, batch_size=64, divergence_limit=320)
     elif a.preset == "tiny":  # a few seconds; used by tests
         c.total_steps = 6
         c.log_every = 2

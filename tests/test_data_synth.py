@@ -134,3 +134,32 @@ def test_scene_classes_are_separable_by_colour_statistics():
     pred = np.argmin(((xte[:, None] - cent[None]) ** 2).sum(-1), 1)
     assert (pred == yte).mean() > 0.9
     assert len(set(OBJECTS)) == 5
+
+
+def test_demo_geometry_options_and_task_cycle():
+    """The demo's options: boxes on the 5-unit grid, sides scaled 1.6x, no rotation, and an evaluation split
+    whose task groups come in blocks (exactly 1/5 each over whole cycles), still record-wise deterministic."""
+    kw = dict(image_size=32, seed=2, grid=5, object_scale=1.6, angle_step=180)
+    src = SynthSource(
+        200,
+        split="val",
+        task_cycle=("scene", "vqa", "grounding", "region_caption", "caption"),
+        cycle_block=8,
+        **kw,
+    )
+    groups = {"presence": "vqa", "comp": "vqa", "rural_urban": "vqa", "refer": "grounding"}
+    tasks = [src.sample(i)[0] for i in range(len(src))]
+    counted = collections.Counter(groups.get(r["task"], r["task"]) for r in tasks)
+    assert counted == {g: 40 for g in ("scene", "vqa", "grounding", "region_caption", "caption")}
+    assert [groups.get(r["task"], r["task"]) for r in tasks[8:16]] == ["vqa"] * 8
+    sides = []
+    for r in tasks:
+        for o in r["meta"]["objects"]:
+            assert all(v % 5 == 0 for v in o["box"]) and o["angle"] == 0
+            assert 1 <= min(o["box"]) and max(o["box"]) <= 99
+            sides.append(max(o["box"][2] - o["box"][0], o["box"][3] - o["box"][1]))
+    assert min(sides) >= 15 and max(sides) >= 35  # 1.6x the default sides (vehicle 9-12 ... plane 17-24)
+    again = SynthSource(200, split="val", task_cycle=src.task_cycle, cycle_block=8, **kw)
+    assert _same(src[37], again[37])
+    with pytest.raises(ValueError, match="grid"):
+        SynthSource(10, grid=3)

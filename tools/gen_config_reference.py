@@ -74,6 +74,8 @@ DESCRIPTIONS = {
         "data.synth.tasks": "rs-synth: task -> weight of the training (and evaluation) mix; {} = DEFAULT_TASKS.",
         "data.synth.eval_cycle": "rs-synth evaluation split: task groups cycled in blocks (() = the mix).",
         "data.synth.eval_block": "rs-synth evaluation split: records per block of `eval_cycle`.",
+        "eval.divergence_limit": "Records of the evaluation split (spread evenly) for the KL-to-teacher table "
+        "(0 = all).",
         "sft_control": "Adds the control stage `student_sft_more/` (student SFT continued, no teacher, "
         "the distillation's steps, batches and lr) and its report column.",
         "data.batch_size": "Global batch size (split over processes, and over `grad_accum` micro-batches).",

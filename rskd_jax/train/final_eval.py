@@ -57,9 +57,11 @@ def evaluate_split(ctx, model, *, name: str = "model", out_dir=None, limit=None)
 def divergences(ctx, students: dict, teacher) -> dict:
     """Token-level KL of each student to the teacher on the evaluation split (training chat template)."""
     c = ctx.config
+    n = int(c.eval.get("divergence_limit", 0) or 0)  # records, spread evenly over the split (0 = all)
+    source = runner.Subset(ctx.eval_source, runner.spread(len(ctx.eval_source), n))
     out = {}
     for name, model in students.items():
-        batches = eval_batches(ctx.eval_source, transform_for(ctx, model.cfg), c.eval.batch_size)
+        batches = eval_batches(source, transform_for(ctx, model.cfg), c.eval.batch_size)
         out[name] = divergence_to_teacher(
             model, teacher, batches, max_new_tokens=c.sampling.max_new_tokens, seed=c.seed
         )
