@@ -65,74 +65,42 @@ class Linear(nnx.Module):
             h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
         return h
 
-    def _project(
-        self, x, dropout_rng, eq: str, kernel_shape, eq_a: str, a_shape, eq_b: str, b_shape, bias_shape
-    ):
-        """x @ kernel (+ bias) (+ LoRA), each weight viewed in `*_shape` (-1 keeps the rest) and contracted
-        with x by an einsum: the plain dot, or the projection read or written in the head-major layout."""
+    def _project(self, x, dropout_rng, eqs: tuple[str, str, str], *, kernel, a, b, bias):
+        """x @ kernel (+ bias) (+ LoRA: x @ A @ B). `eqs` are the einsums of the kernel, A and B; `kernel`, `a`,
+        `b`, `bias` the shapes each weight is viewed in (-1 keeps the rest): the plain dot, or the projection
+        written into / read from the head-major layout."""
         view = lambda p, shape: p[...].astype(self.dtype).reshape(shape)
         x = x.astype(self.dtype)
-        y = jnp.einsum(eq, x, view(self.kernel, kernel_shape))
+        y = jnp.einsum(eqs[0], x, view(self.kernel, kernel))
         if self.bias is not None:
-            y = y + view(self.bias, bias_shape)
+            y = y + view(self.bias, bias)
         if self.lora_a is not None:
-            a = jnp.einsum(eq_a, self._lora_input(x, dropout_rng), view(self.lora_a, a_shape))
-            y = y + (jnp.einsum(eq_b, a, view(self.lora_b, b_shape)) * self.lora_scale).astype(self.dtype)
+            h = jnp.einsum(eqs[1], self._lora_input(x, dropout_rng), view(self.lora_a, a))
+            y = y + (jnp.einsum(eqs[2], h, view(self.lora_b, b)) * self.lora_scale).astype(self.dtype)
         return y
 
     def split_heads(self, x: jax.Array, num_heads: int, dropout_rng: jax.Array | None = None) -> jax.Array:
         """x [B, T, in] -> [B, num_heads, T, out // num_heads]: the projection written straight into the
         head-major layout attention wants (one dot, no transpose of the result on CPU/GPU)."""
         if x.shape[1] == 1:  # one token (decode): the plain dot; moving a size-1 axis is free
-            b = x.shape[0]
-            return self(x, dropout_rng).reshape(b, 1, num_heads, -1).swapaxes(1, 2)
-        heads = (-1, num_heads, self.kernel.shape[1] // num_heads)
-        return self._project(
-            x,
-            dropout_rng,
-            "btm,mhd->bhtd",
-            heads,
-            "btm,mr->btr",
-            (-1, self.lora_rank),
-            "btr,rhd->bhtd",
-            heads,
-            heads[1:2] + (1, heads[2]),
-        )
+            return self(x, dropout_rng).reshape(x.shape[0], 1, num_heads, -1).swapaxes(1, 2)
+        din, dout = self.kernel.shape
+        heads = (-1, num_heads, dout // num_heads)
+        eqs = ("btm,mhd->bhtd", "btm,mr->btr", "btr,rhd->bhtd")
+        return self._project(x, dropout_rng, eqs, kernel=heads, a=(din, -1), b=heads, bias=(num_heads, 1, -1))
 
     def merge_heads(self, o: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         """o [B, H, T, Dh] -> [B, T, out]: the output projection read straight from the head-major layout."""
         if o.shape[2] == 1:  # one token (decode): a free reshape, then the plain dot
             return self(o.swapaxes(1, 2).reshape(o.shape[0], 1, -1), dropout_rng)
-        h, dh = o.shape[1], o.shape[3]
-        return self._project(
-            o,
-            dropout_rng,
-            "bhtd,hdm->btm",
-            (h, dh, -1),
-            "bhtd,hdr->btr",
-            (h, dh, -1),
-            "btr,rm->btm",
-            (-1, self.kernel.shape[1]),
-            (-1,),
-        )
-
-    @property
-    def lora_rank(self) -> int:
-        return self.lora_a.shape[1] if self.lora_a is not None else 1
+        h, dh, dout = o.shape[1], o.shape[3], self.kernel.shape[1]
+        eqs = ("bhtd,hdm->btm", "bhtd,hdr->btr", "btr,rm->btm")
+        return self._project(o, dropout_rng, eqs, kernel=(h, dh, -1), a=(h, dh, -1), b=(-1, dout), bias=(-1,))
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         din, dout = self.kernel.shape
-        return self._project(
-            x,
-            dropout_rng,
-            "...m,mn->...n",
-            (din, dout),
-            "...m,mr->...r",
-            (din, -1),
-            "...r,rn->...n",
-            (-1, dout),
-            (dout,),
-        )
+        eqs = ("...m,mn->...n", "...m,mr->...r", "...r,rn->...n")
+        return self._project(x, dropout_rng, eqs, kernel=(din, dout), a=(din, -1), b=(-1, dout), bias=(dout,))
 
 
 class LayerNorm(nnx.Module):

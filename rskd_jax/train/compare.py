@@ -25,11 +25,10 @@ import time
 import jax
 
 from rskd_jax.data import eval_batches
-from rskd_jax.distill import step as S
 from rskd_jax.eval import report as report_lib
 from rskd_jax.eval.divergence import divergence_to_teacher
 from rskd_jax.eval.generate import Generator
-from rskd_jax.train import loop
+from rskd_jax.train import compare_report, loop
 from rskd_jax.train import run as run_lib
 from rskd_jax.train.context import transform_for
 from rskd_jax.train.final_eval import divergences, evaluate_split
@@ -103,12 +102,7 @@ def check_methods(names) -> None:
 def method_config(config, name: str):
     """A copy of `config` with the method's overrides applied (the schedule follows `total_steps`)."""
     c = config.copy_and_resolve_references()
-    for key, value in METHODS[name].overrides.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(METHODS[name].overrides)
     return c
 
 
@@ -160,15 +154,20 @@ def teacher_answers(ctx, teacher, path: pathlib.Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- one run
+def kl_to_teacher(ctx, model, teacher, batches) -> dict:
+    """Sampled reverse KL and reference-answer reverse / forward KL of `model` to the teacher on `batches`."""
+    d = divergence_to_teacher(
+        model, teacher, batches, max_new_tokens=ctx.config.sampling.max_new_tokens, seed=ctx.config.seed
+    )
+    return {k: d[k] for k in ("rkl_sampled", "rkl_gt", "fkl_gt") if k in d}
+
+
 def kl_probe(ctx, teacher, batches, curve_path: pathlib.Path):
     """The training loop's eval hook: KL to the teacher on a fixed slice of the eval split, appended to
     `curve_path` (one JSON line per step)."""
 
     def fn(model, step):
-        d = divergence_to_teacher(
-            model, teacher, batches, max_new_tokens=ctx.config.sampling.max_new_tokens, seed=ctx.config.seed
-        )
-        rec = {"step": int(step), **{k: d[k] for k in ("rkl_sampled", "rkl_gt", "fkl_gt") if k in d}}
+        rec = {"step": int(step), **kl_to_teacher(ctx, model, teacher, batches)}
         with curve_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         return {f"kl/{k}": v for k, v in rec.items() if k != "step"}
@@ -213,9 +212,7 @@ def train_method(ctx, name: str, k: int, student0, teacher, kl_batches, answers=
         spec, maps = run_lib.distill_setup(cfg, student, teacher)
         t = teacher
     else:  # cross-entropy only: no teacher in the step at all
-        spec, t = S.sft_spec(cfg, student.cfg), None
-        if cfg.trainable == "lora":
-            run_lib.add_lora(cfg, student)
+        spec, t = run_lib.sft_setup(cfg, student), None
     if kind == "seqkd":
         rctx = dataclasses.replace(rctx, train_source=TeacherAnswers(ctx.train_source, answers))
     common = run_lib._fit_common(rctx)
@@ -282,22 +279,13 @@ def start_result(ctx, name, model, teacher, kl_batches) -> dict:
         return json.loads(path.read_text())
     out = evaluate(ctx, model, teacher if model is not teacher else None, path.parent / name)
     if model is not teacher:
-        d = divergence_to_teacher(
-            model,
-            teacher,
-            kl_batches,
-            max_new_tokens=ctx.config.sampling.max_new_tokens,
-            seed=ctx.config.seed,
-        )
-        out["start_kl"] = {k: d[k] for k in ("rkl_sampled", "rkl_gt", "fkl_gt") if k in d}
+        out["start_kl"] = kl_to_teacher(ctx, model, teacher, kl_batches)
     report_lib.write_json(out, path)
     return json.loads(path.read_text())
 
 
 def compare(config, workdir) -> dict:
     """Runs (or resumes) the whole comparison; writes compare.md / compare.json / compare.png in `workdir`."""
-    from rskd_jax.train import compare_report  # noqa: PLC0415
-
     run_lib.setup_logging()
     c = config
     check_methods(c.compare.methods)
@@ -352,8 +340,6 @@ def compare(config, workdir) -> dict:
 
 def report_only(config, workdir: pathlib.Path) -> dict:
     """The table and figure from the runs finished so far (`compare.report_only`: nothing is trained)."""
-    from rskd_jax.train import compare_report  # noqa: PLC0415
-
     starts = {}
     for name, label in (("teacher", "teacher"), ("student_sft", "student SFT (start)")):
         path = workdir / "start" / f"{name}.json"

@@ -59,14 +59,12 @@ def summarise(results: list) -> dict:
     return table
 
 
+def _digits(group: str) -> int:
+    return 4 if group == "divergence" else 1
+
+
 def _cell(d, digits):
-    if not d:
-        return "–"
-    return (
-        f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
-        if d.get("std") is not None
-        else f"{d['mean']:.{digits}f}"
-    )
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}" if d else "–"
 
 
 def markdown(table: dict, starts: dict, columns=COLUMNS) -> str:
@@ -79,10 +77,10 @@ def markdown(table: dict, starts: dict, columns=COLUMNS) -> str:
         cells = []
         for _col, group, key in cols:
             v = metric(res, group, key)
-            cells.append("–" if v is None else f"{v:.{4 if group == 'divergence' else 1}f}")
+            cells.append("–" if v is None else f"{v:.{_digits(group)}f}")
         lines.append(f"| {name} | – | " + " | ".join(cells) + " |")
     for method, row in table.items():
-        cells = [_cell(row.get(c[0]), 4 if c[1] == "divergence" else 1) for c in cols]
+        cells = [_cell(row.get(col), _digits(group)) for col, group, _ in cols]
         lines.append(f"| {method} | {row['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -227,6 +227,13 @@ def distill_setup(config, student, teacher):
     return spec, maps
 
 
+def sft_setup(config, student):
+    """The cross-entropy-only step spec (no teacher) of a run's student; adds the LoRA adapters when configured."""
+    if config.trainable == "lora":
+        add_lora(config, student)
+    return S.sft_spec(config, student.cfg)
+
+
 def distill_stage(ctx: Context, student, teacher):
     c = ctx.config
     spec, maps = distill_setup(c, student, teacher)
@@ -256,13 +263,11 @@ def sft_control_stage(ctx: Context, student):
     the distillation's steps, with its data order (dataset seed), lr schedule (`optim`) and trainable subset,
     in `student_sft_more/`. Consumes `student` (pass a copy); the teacher is never built or called here."""
     c = ctx.config
-    if c.trainable == "lora":
-        add_lora(c, student)
     res = loop.fit(
         workdir=ctx.workdir / SFT_CONTROL,
         model=student,
         teacher=None,
-        spec=S.sft_spec(c, student.cfg),
+        spec=sft_setup(c, student),
         optim_cfg=c.optim,
         trainable=c.trainable,
         total_steps=c.total_steps,
