@@ -155,6 +155,7 @@ def make_jax_step(
     return dict(
         lowered=lowered,
         compiled=compiled,
+        step=step,
         state=state,
         frozen=parts["frozen"],
         teacher=parts["teacher"],
