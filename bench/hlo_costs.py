@@ -1,7 +1,8 @@
 """Which of the CPU benchmark's known costs exist on a TPU? Compiles the same programs for XLA:CPU and, with
 libtpu's deviceless compiler (the `plan` extra), for one TPU v5p chip, and counts in the optimised HLO the
 bytes that pure data-movement ops write (standalone dynamic-slice / slice / copy / transpose / convert
-fusions, i.e. moves that are NOT fused into the matmul that reads them), weighted by loop trip counts.
+fusions, i.e. moves that are NOT fused into the matmul that reads them), weighted by loop trip counts. On
+the TPU, what is staged into on-chip memory (memory space S(1)) for a matmul is counted apart (`to_vmem`).
 
 Programs (bench/common.py's `tiny` pair, the models bench/step.py and bench/rollout.py time):
 * `rollout`: the teacher-mixed sampling (alpha 0.2): moved bytes per generated token (the decode loop's body,
@@ -128,7 +129,9 @@ def moved_bytes(comps: dict, name: str, weight: int = 1, out: Counter | None = N
     out = Counter() if out is None else out
     for _, shape, op, rest in comps.get(name, []):
         kind = is_move(comps, op, rest)
-        if kind:
+        if kind and "S(1)" in shape:  # TPU memory space 1 (on-chip VMEM): staging an operand, not HBM traffic
+            out["to_vmem"] += weight * shape_bytes(shape)
+        elif kind:
             out[kind] += weight * shape_bytes(shape)
         elif op == "while":
             moved_bytes(comps, _called(rest, "body"), weight * trip_count(comps, rest), out)
@@ -224,7 +227,7 @@ def measure(bc: C.BenchConfig, target: str, dump: pathlib.Path | None, dtypes: s
         row = dict(config=bc.name, dtypes=dtypes, target=target, program=program, per=unit)
         row["compile_s"] = time.perf_counter() - t0
         row.update({f"{k}_MB": v / per / 1e6 for k, v in sorted(moved.items())})
-        row["moved_MB"] = sum(moved.values()) / per / 1e6
+        row["moved_MB"] = sum(v for k, v in moved.items() if k != "to_vmem") / per / 1e6
         if program == "rollout":
             row["weights_MB"] = (weight_bytes(bc.student) + weight_bytes(bc.teacher)) / 1e6
         rows.append(row)
@@ -258,7 +261,7 @@ def main():
         "copy_MB",
         "transpose_MB",
     ]
-    cols += ["convert_MB", "weights_MB"]
+    cols += ["convert_MB", "to_vmem_MB", "weights_MB"]
     print(C.table(rows, cols))
     C.write_result("hlo_costs", dict(rows=rows, quick=a.quick, machine=C.machine()), a.out)
 
