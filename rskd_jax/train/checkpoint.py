@@ -533,6 +533,16 @@ class Checkpointer:
         self.close()
 
 
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+    """The complete steps in a checkpoint directory, oldest first, read from the directory listing (orbax
+    writes the commit marker last; set-aside `<step>.corrupt` and partial steps are not counted). Opens no
+    checkpoint and creates nothing: `[]` when the directory does not exist."""
+    d = epath.Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / COMMIT_MARKER).is_file())
+
+
 def _remove(path: epath.Path, tries: int = 10) -> None:
     """rmtree that outlasts a failed save's writer threads still creating files in `path` for a moment."""
     for i in range(tries):
