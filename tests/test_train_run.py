@@ -168,6 +168,13 @@ def test_failed_save_stops_the_run_with_one_line_and_keeps_checkpoints(finished_
     assert after == before
 
 
+def untimed(tree):
+    """`tree` without its wall-clock entries (`*_seconds`)."""
+    if isinstance(tree, dict):
+        return {k: untimed(v) for k, v in tree.items() if not k.endswith("_seconds")}
+    return tree
+
+
 def test_stage_eval_evaluates_without_training(finished_run, tmp_path):
     """`--stage eval` on a finished run writes the report from each stage's final checkpoint and trains
     nothing (no metrics logged, no checkpoint written, no export); with the distillation's final step gone it
@@ -190,7 +197,8 @@ def test_stage_eval_evaluates_without_training(finished_run, tmp_path):
             "student distilled",
         ]
     )
-    assert rep["results"] == ref["results"]  # the same models as the run that trained them
+    # the same models as the run that trained them give the same scores (timings aside)
+    assert untimed(rep["results"]) == untimed(ref["results"])
     assert {s: (e / s / "metrics.jsonl").read_text() for s in stages} == logs
     assert {s: sorted(os.listdir(e / s / "checkpoints")) for s in stages} == ckpts
     assert not (e / "student_hf").exists()
