@@ -6,14 +6,14 @@ p = teacher, q = student, both softmax(logits / temperature) over the full share
 
 Conventions shared by every function:
 * Math runs in float32 (float64 stays float64, so finite-difference tests can run under `jax.enable_x64`).
-* `mask` is [B, T]; nonzero = valid token. Scalar losses are masked token means sum(x·m) / max(sum(m), 1):
+* `mask` is [B, T]; nonzero = valid token. Losses reduce to masked token means sum(x·m) / max(sum(m), 1):
   an all-padding batch gives 0, not NaN. Padded positions are removed with `where`, so a non-finite value
   there cannot leak into the mean.
 * The teacher is a constant: teacher logits/features go through `stop_gradient`.
 * No temperature² factor (MiniLLM uses none; multiply outside for Hinton-style KD).
 * -inf logits (top-k / top-p filtered entries) never produce NaN, in the value or the gradient:
   - 0·log 0 = 0: a vocabulary entry whose weighting probability is 0 contributes nothing;
-  - `forward_kl` / `reverse_kl` additionally drop entries where EITHER model's logit is -inf, exactly like
+  - the forward / reverse KL additionally drop entries where EITHER model's logit is -inf, exactly like
     MiniLLM's `get_x_entropy` / `get_entropy` (log-probs zeroed at `inf_mask`). With the same filter on both
     models (what the rollout produces) this is the exact KL between the two truncated distributions; with
     a filter on one side only it is the KL over the common support (finite) rather than +inf.
@@ -22,7 +22,8 @@ Conventions shared by every function:
 
 Vocabulary-sized terms can be evaluated in sequence chunks with rematerialisation (`chunked_token_loss`)
 so fp32 [B, T, V] logits of both models never exist at once; every divergence therefore has a
-`*_per_token(...) -> [B, T]` form that the chunked loop (or `masked_mean`) reduces.
+`*_per_token(...) -> [B, T]` form that the chunked loop (or `masked_mean`) reduces. (The scalar forms the
+tests compare with MiniLLM's and TRL's losses are in tests/test_distill_testlib.py.)
 """
 
 from __future__ import annotations
