@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "protobuf==7.36.2",
     "tensorboardX==2.6.5",  # TensorBoard event files (train/writers.py); no TensorFlow or tensorboard
+    "shapely==2.2.0",  # rotated-box IoU (eval/boxes.py)
     "rouge-score==0.1.2",  # ROUGE for the demo's report (METEOR needs the `eval` extra + Java)
     "absl-py",
     "tqdm",

@@ -35,7 +35,8 @@ _STAGE = flags.DEFINE_enum(
     "stage",
     "auto",
     ["auto", "teacher", "student_sft", "student_sft_more", "distill", "eval"],
-    "Run one stage only (auto = everything the config asks for, resuming what is done).",
+    "Stop after this stage (auto = everything the config asks for, resuming what is done); eval only "
+    "evaluates the trained stages and refuses when one is not trained.",
 )
 
 

@@ -5,10 +5,11 @@ import re
 import numpy as np
 import pytest
 import sentencepiece as spm
+from test_data_testlib import tokenizer_image_token
 
 from rskd_jax.data import chat
 from rskd_jax.data.errors import DataError
-from rskd_jax.data.tokenizer import TextEncoder, special_ids, tokenizer_image_token, train_tokenizer
+from rskd_jax.data.tokenizer import TextEncoder, special_ids, train_tokenizer
 
 N_IMG = 5
 CONV = [

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_distill_testlib as LS  # the scalar (masked mean) forms
 import torch
 from flax import nnx
 
@@ -181,14 +182,14 @@ def torch_rev_kl_logged(log_p, log_q, mask):
 def test_divergences_match_numpy(tau):
     s, te, mask = make_case(0)
     got = {
-        "fkl": L.forward_kl(s, te, mask, temperature=tau),
-        "rkl": L.reverse_kl(s, te, mask, temperature=tau),
-        "sfkl": L.skew_forward_kl(s, te, mask, temperature=tau),
-        "srkl": L.skew_reverse_kl(s, te, mask, alpha=0.3, temperature=tau),
-        "jsd0": L.generalized_jsd(s, te, mask, beta=0.0, temperature=tau),
-        "jsd.3": L.generalized_jsd(s, te, mask, beta=0.3, temperature=tau),
-        "jsd.5": L.generalized_jsd(s, te, mask, beta=0.5, temperature=tau),
-        "jsd1": L.generalized_jsd(s, te, mask, beta=1.0, temperature=tau),
+        "fkl": LS.forward_kl(s, te, mask, temperature=tau),
+        "rkl": LS.reverse_kl(s, te, mask, temperature=tau),
+        "sfkl": LS.skew_forward_kl(s, te, mask, temperature=tau),
+        "srkl": LS.skew_reverse_kl(s, te, mask, alpha=0.3, temperature=tau),
+        "jsd0": LS.generalized_jsd(s, te, mask, beta=0.0, temperature=tau),
+        "jsd.3": LS.generalized_jsd(s, te, mask, beta=0.3, temperature=tau),
+        "jsd.5": LS.generalized_jsd(s, te, mask, beta=0.5, temperature=tau),
+        "jsd1": LS.generalized_jsd(s, te, mask, beta=1.0, temperature=tau),
     }
     want = {
         "fkl": ref_forward_kl(s, te, mask, tau),
@@ -205,7 +206,7 @@ def test_divergences_match_numpy(tau):
         np.testing.assert_allclose(float(got[k]), want[k], rtol=2e-5, atol=1e-6, err_msg=k)
     # Sanity of the definitions themselves: all divergences are > 0 here, and 0 for identical inputs.
     assert min(want.values()) > 0
-    for fn in (L.forward_kl, L.reverse_kl, L.skew_forward_kl, L.skew_reverse_kl, L.generalized_jsd):
+    for fn in (LS.forward_kl, LS.reverse_kl, LS.skew_forward_kl, LS.skew_reverse_kl, LS.generalized_jsd):
         assert abs(float(fn(s, s, mask))) < 1e-6
         # The teacher is a constant.
         assert not np.any(np.asarray(jax.grad(fn, argnums=1)(jnp.asarray(s), jnp.asarray(te), mask)))
@@ -225,7 +226,7 @@ def test_reverse_kl_matches_minillm_reg_loss_value_and_grad():
     # Shared filter only (the port's masked_fill reproduces exactly that set of -inf entries).
     s_shared = np.where(inf_mask, -np.inf, np.where(np.isinf(s), 0.0, s)).astype(np.float32)
     te_shared = np.where(inf_mask, -np.inf, np.where(np.isinf(te), 0.0, te)).astype(np.float32)
-    val, grad = jax.value_and_grad(L.reverse_kl)(jnp.asarray(s_shared), jnp.asarray(te_shared), mask)
+    val, grad = jax.value_and_grad(LS.reverse_kl)(jnp.asarray(s_shared), jnp.asarray(te_shared), mask)
     np.testing.assert_allclose(float(val), ref.item(), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), s_t.grad.numpy(), atol=1e-6)
     assert np.all(np.asarray(grad)[inf_mask] == 0)
@@ -243,7 +244,7 @@ def test_policy_gradient_matches_minillm_pg_loss_value_and_grad():
         mask_t = torch.tensor(mask, dtype=torch.float64)
         ref = torch_pg_loss(lp_t, torch.tensor(old), torch.tensor(adv), mask_t, torch.tensor(w), eps)
         ref.backward()
-        f = lambda x, eps=eps: L.policy_gradient_loss(x, old, adv, mask, weights=w, clip_eps=eps)
+        f = lambda x, eps=eps: LS.policy_gradient_loss(x, old, adv, mask, weights=w, clip_eps=eps)
         val, grad = jax.value_and_grad(f)(jnp.asarray(lp, jnp.float32))
         np.testing.assert_allclose(float(val), ref.item(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(grad), lp_t.grad.numpy(), rtol=1e-5, atol=1e-6)
@@ -252,8 +253,8 @@ def test_policy_gradient_matches_minillm_pg_loss_value_and_grad():
     # No weights = weights of one.
     ones = np.ones_like(w)
     np.testing.assert_allclose(
-        float(L.policy_gradient_loss(lp, old, adv, mask)),
-        float(L.policy_gradient_loss(lp, old, adv, mask, weights=ones)),
+        float(LS.policy_gradient_loss(lp, old, adv, mask)),
+        float(LS.policy_gradient_loss(lp, old, adv, mask, weights=ones)),
         rtol=1e-6,
     )
 
@@ -306,18 +307,13 @@ def test_long_term_advantages_match_minillm_code_convention():
     assert np.abs(np.asarray(got_pad)[mask == 1] - ref_pad[mask == 1]).max() > 1e-2
 
 
-def test_importance_weights_rewards_k3_and_token_logprobs():
+def test_k3_estimate_token_logprobs_and_cross_entropy():
+    # (The importance weights and rewards are computed where they are used: the weights in rollout.py, tested
+    # against q / p~ in test_distill_rollout.py; the rewards inside the step's policy-gradient term.)
     rng = np.random.default_rng(5)
     lq = np.log(rng.uniform(0.01, 1, size=(B, T)))
     lp = np.log(rng.uniform(0.01, 1, size=(B, T)))
     _, _, mask = make_case(0)
-    for alpha in (0.0, 0.2, 1.0):
-        want = np.exp(lq) / (alpha * np.exp(lp) + (1 - alpha) * np.exp(lq))
-        np.testing.assert_allclose(np.asarray(L.mixed_importance_weights(lq, lp, alpha)), want, rtol=1e-5)
-    rew = L.reverse_kl_rewards(lp, lq, mask, scale=0.5, clip=1.0)
-    np.testing.assert_allclose(
-        np.asarray(rew), np.where(mask == 1, np.clip((lp - lq) / 0.5, -1, 1), 0), rtol=1e-5, atol=1e-6
-    )
     ref = torch_rev_kl_logged(torch.tensor(lp), torch.tensor(lq), torch.tensor(mask, dtype=torch.float64))
     np.testing.assert_allclose(float(L.k3_reverse_kl_estimate(lp, lq, mask)), ref.item(), rtol=1e-5)
     d = (lp - lq)[mask == 1]
@@ -336,7 +332,7 @@ def test_importance_weights_rewards_k3_and_token_logprobs():
         np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-5, atol=1e-6)
         assert np.all(np.isneginf(got[~np.isfinite(want)]))
     ce_want = np.mean([-np_log_softmax(s[1, ti])[ids[1, ti]] for ti in range(3)])
-    ce = L.cross_entropy(s[1:2, :3], ids[1:2, :3], np.ones((1, 3)))
+    ce = LS.cross_entropy(s[1:2, :3], ids[1:2, :3], np.ones((1, 3)))
     np.testing.assert_allclose(float(ce), ce_want, rtol=1e-5)
 
 
@@ -401,9 +397,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="kind"):
         L.feature_alignment_loss(hs, hs, m, kind="l1")
     with pytest.raises(ValueError, match="beta"):
-        L.generalized_jsd(hs, hs, m, beta=1.5)
+        LS.generalized_jsd(hs, hs, m, beta=1.5)
     with pytest.raises(ValueError, match="temperature"):
-        L.reverse_kl(hs, hs, m, temperature=0.0)
+        LS.reverse_kl(hs, hs, m, temperature=0.0)
     with pytest.raises(ValueError, match="expects last dim"):
         L.FeatureProjector(4, 5, nnx.Rngs(0))(hs)
     with pytest.raises(ValueError, match=r"mask must start with \[B, T\]"):
@@ -413,7 +409,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_all_padding_gives_zero_not_nan():
     s, te, _ = make_case(0)
     zero = np.zeros((B, T))
-    for fn in (L.forward_kl, L.reverse_kl, L.skew_forward_kl, L.skew_reverse_kl, L.generalized_jsd):
+    for fn in (LS.forward_kl, LS.reverse_kl, LS.skew_forward_kl, LS.skew_reverse_kl, LS.generalized_jsd):
         v, g = jax.value_and_grad(fn)(jnp.asarray(s), jnp.asarray(te), zero)
         assert float(v) == 0.0 and np.all(np.asarray(g) == 0)
 
@@ -442,11 +438,11 @@ def test_gradients_match_finite_differences():
         s, te, mask = make_case(8, b=2, t=3, v=5, dtype=np.float64)
         mask = np.array([[1, 1, 0], [1, 1, 1]])
         for name, fn in [
-            ("fkl", lambda x: L.forward_kl(x, te, mask, temperature=0.8)),
-            ("rkl", lambda x: L.reverse_kl(x, te, mask, temperature=0.8)),
-            ("sfkl", lambda x: L.skew_forward_kl(x, te, mask)),
-            ("srkl", lambda x: L.skew_reverse_kl(x, te, mask)),
-            ("jsd", lambda x: L.generalized_jsd(x, te, mask, beta=0.3)),
+            ("fkl", lambda x: LS.forward_kl(x, te, mask, temperature=0.8)),
+            ("rkl", lambda x: LS.reverse_kl(x, te, mask, temperature=0.8)),
+            ("sfkl", lambda x: LS.skew_forward_kl(x, te, mask)),
+            ("srkl", lambda x: LS.skew_reverse_kl(x, te, mask)),
+            ("jsd", lambda x: LS.generalized_jsd(x, te, mask, beta=0.3)),
         ]:
             # x64 really is on: the function value is float64.
             assert fn(jnp.asarray(s)).dtype == jnp.float64, name
@@ -456,7 +452,7 @@ def test_gradients_match_finite_differences():
         lp = rng.normal(size=(2, 3)) * 0.1 - 1.0
         old = lp + np.array([[0.05, -0.4, 0.0], [0.3, 0.01, -0.02]])
         adv, w = rng.normal(size=(2, 3)), rng.uniform(0.8, 1.2, size=(2, 3))
-        fd_check(lambda x: L.policy_gradient_loss(x, old, adv, mask, weights=w, clip_eps=0.2), lp)
+        fd_check(lambda x: LS.policy_gradient_loss(x, old, adv, mask, weights=w, clip_eps=0.2), lp)
 
         hs, ht = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 5))
         k = rng.normal(size=(3, 5))
@@ -517,9 +513,9 @@ def test_chunked_equals_unchunked_value_and_grad():
         s_logits, t_logits = hs @ ws, ht @ wt
         lq = L.token_logprobs(s_logits, ids)
         val = {
-            "rkl": L.reverse_kl(s_logits, t_logits, mask),
-            "fkl": L.forward_kl(s_logits, t_logits, mask, temperature=0.9),
-            "pg": L.policy_gradient_loss(lq, old, adv, mask, weights=w, clip_eps=0.2),
+            "rkl": LS.reverse_kl(s_logits, t_logits, mask),
+            "fkl": LS.forward_kl(s_logits, t_logits, mask, temperature=0.9),
+            "pg": LS.policy_gradient_loss(lq, old, adv, mask, weights=w, clip_eps=0.2),
         }
         return val["rkl"] + 0.5 * val["fkl"] + val["pg"], val
 
@@ -547,7 +543,7 @@ def test_chunked_equals_unchunked_value_and_grad():
         chunk_size=3,
         token_args=(ids,),
     )
-    np.testing.assert_allclose(float(ce), float(L.cross_entropy(hs @ ws, ids, mask)), rtol=1e-5)
+    np.testing.assert_allclose(float(ce), float(LS.cross_entropy(hs @ ws, ids, mask)), rtol=1e-5)
 
 
 def test_chunked_loss_temp_memory_is_3x_lower_aot():
@@ -563,7 +559,7 @@ def test_chunked_loss_temp_memory_is_3x_lower_aot():
     )
 
     def unchunked(ws, hs, wt, ht, mask):
-        return L.reverse_kl(hs @ ws, ht @ wt, mask)
+        return LS.reverse_kl(hs @ ws, ht @ wt, mask)
 
     def chunked(ws, hs, wt, ht, mask):
         val, _ = L.chunked_token_loss(

@@ -16,6 +16,7 @@ import scipy.stats
 import torch
 import transformers
 from flax import nnx
+from test_distill_testlib import greedy_generate
 from test_models_testlib import llava_from_hf, randomize_
 from transformers.generation import logits_process as hf_lp
 
@@ -158,7 +159,7 @@ def test_first_step_matches_mixture(models, alpha):
 def test_greedy_matches_hf_generate_and_eos_stops_rows(models):
     hf_s, _, student, _ = models
     steps = 8
-    run = nnx.jit(lambda m, i, a, eos: rollout.greedy_generate(m, i, a, steps, eos_id=eos, pad_id=PAD))
+    run = nnx.jit(lambda m, i, a, eos: greedy_generate(m, i, a, steps, eos_id=eos, pad_id=PAD))
     full = run(student, jnp.asarray(PROMPTS), jnp.asarray(MASK), jnp.int32(-1))  # no EOS: all 8 steps
     with torch.no_grad():
         ref = hf_s.generate(

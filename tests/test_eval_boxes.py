@@ -1,4 +1,5 @@
-"""GeoChat box strings and IoU: hand-computed cases and a rasterised (matplotlib Path) reference."""
+"""GeoChat box strings and IoU: closed forms written out here (axis-aligned boxes, concentric squares at any
+angle), hand-computed cases and a rasterised (matplotlib Path) reference."""
 
 import math
 
@@ -73,6 +74,48 @@ def test_rotated_iou_by_hand():
     assert B.iou((40, 40, 60, 60, 45), (40, 40, 60, 60, 0), rotated=False) == pytest.approx(0.5, abs=1e-12)
 
 
+def _aabb_iou(a, b):
+    """Closed form for axis-aligned boxes: overlap widths times heights over the union."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union
+
+
+def test_axis_aligned_iou_matches_the_closed_form():
+    rng = np.random.default_rng(3)
+    boxes = [(*lo, *(lo + wh)) for lo, wh in zip(rng.uniform(0, 60, (40, 2)), rng.uniform(1, 40, (40, 2)))]
+    got = B.iou_matrix(boxes, boxes)  # rotated polygons at angle 0
+    hbb = B.iou_matrix(boxes, boxes, rotated=False)
+    want = np.array([[_aabb_iou(g, p) for p in boxes] for g in boxes])
+    assert (want > 0).sum() > 200 and (want == 0).sum() > 200  # overlapping and disjoint pairs both covered
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(hbb, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("theta", [1.0, 10.0, 30.0, 45.0, 60.0, 89.0, -20.0])
+def test_concentric_squares_iou_matches_the_closed_form(theta):
+    """[-1, 1]² and itself rotated by θ: the rotated edge x·cos θ + y·sin θ = 1 cuts a right triangle with
+    legs a = 1 − (1 − sin θ)/cos θ and b = 1 − (1 − cos θ)/sin θ off each corner, so the overlap is
+    I = 4 − 2ab and IoU = I / (8 − I) (θ = 45° gives the hand case above, 1/√2). IoU is scale-free, and
+    symmetric in ±θ."""
+    t = math.radians(abs(theta))
+    a = 1 - (1 - math.sin(t)) / math.cos(t)
+    b = 1 - (1 - math.cos(t)) / math.sin(t)
+    inter = 4 - 2 * a * b
+    want = inter / (8 - inter)
+    assert B.iou((40, 40, 60, 60, theta), (40, 40, 60, 60, 0)) == pytest.approx(want, rel=1e-12)
+    assert B.iou((40, 40, 60, 60, 0), (40, 40, 60, 60, theta)) == pytest.approx(want, rel=1e-12)
+
+
+def test_iou_matrix_shapes_and_empty_inputs():
+    assert B.iou_matrix([], [(0, 0, 1, 1)]).shape == (1, 0)
+    assert B.iou_matrix([(0, 0, 1, 1)], []).shape == (0, 1)
+    m = B.iou_matrix([(0, 0, 10, 10), (0, 0, 0, 10)], [(0, 0, 10, 10), (5, 0, 15, 10), (0, 0, 10, 10, 45)])
+    assert m.shape == (3, 2) and (m[:, 1] == 0).all()  # a zero-area prediction overlaps nothing
+    assert m[0, 0] == 1.0 and m[1, 0] == pytest.approx(50 / 150)
+
+
 def test_rotation_direction_follows_cv2():
     # cv2.getRotationMatrix2D(c, 90, 1) maps an offset (dx, dy) to (dy, -dx): the right edge midpoint
     # moves to the top (counter-clockwise on screen, y down).
@@ -81,6 +124,11 @@ def test_rotation_direction_follows_cv2():
     p = B.box_polygon((0, 0, 4, 2, 30))
     c, s = math.cos(math.radians(30)), math.sin(math.radians(30))
     assert np.allclose(p[1], [2 + c * 2 + s * -1, 1 - s * 2 + c * -1])  # corner (+w/2, -h/2)
+
+
+def _shoelace(poly):
+    x, y = np.asarray(poly, dtype=np.float64).T
+    return abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2
 
 
 def _raster_iou(a, b, n=600):
@@ -108,7 +156,7 @@ def test_polygons_pixels_and_conversions():
         back = B.polygon_to_box(B.box_polygon(box))
         assert np.allclose(back, box, atol=1e-9)
     poly = B.box_polygon((10, 20, 30, 60, 25))
-    assert B.polygon_area(poly) == pytest.approx(20 * 40)
+    assert _shoelace(poly) == pytest.approx(20 * 40)
     # corner order does not matter (convex hull), 8-number form == [4, 2] form
     shuffled = poly[[0, 2, 1, 3]]
     assert B.iou(shuffled.reshape(-1), (10, 20, 30, 60, 25)) == pytest.approx(1.0)

@@ -46,7 +46,9 @@ def test_markdown_report_layout_and_delta(tmp_path):
         "student (before)": _model_results(0),
         "student (after)": _model_results(1),
     }
-    md = report.comparison_report(*results.values())
+    md = report.markdown_report(
+        results, title="Teacher vs student", delta=("student (before)", "student (after)")
+    )
     assert "### Scene classification" in md
     assert "| model | UCMerced OA | UCMerced AA | AID OA | AID AA |" in md
     moa = "mOA (pooled, paper) | mean of types (not the paper's)"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_models_testlib import abstract, assert_close, randomize_, state_dict_np
+from test_models_testlib import abstract, assert_close, causal_lm, randomize_, state_dict_np
 
 from rskd_jax.convert import from_torch
 from rskd_jax.models import LlamaModel, get_preset
@@ -54,7 +54,7 @@ def test_llama_matches_hf(hf_llama, scan):
     ref = hf_forward(hf_llama, ids, mask)
     model = ours(hf_llama, scan=scan)
     n = CFG.num_layers
-    f = nnx.jit(lambda m, i, a: m.causal_lm(i, a, return_hidden=tuple(range(n + 1))))
+    f = nnx.jit(lambda m, i, a: causal_lm(m, i, a, return_hidden=tuple(range(n + 1))))
     logits, hidden, _ = f(model, jnp.asarray(ids), jnp.asarray(mask))
     valid = mask.astype(bool)
     assert len(ref.hidden_states) == n + 1
@@ -94,7 +94,7 @@ def test_kv_cache_incremental_equals_full_forward(hf_llama, scan):
     ref = hf_forward(hf_llama, full_ids, full_mask).logits.numpy()
 
     model = ours(hf_llama, scan=scan)
-    step = nnx.jit(lambda m, ids, mask, cache: m.causal_lm(ids, mask, cache=cache))
+    step = nnx.jit(lambda m, ids, mask, cache: causal_lm(m, ids, mask, cache=cache))
     cache = model.init_cache(2, p + steps)
     logits, _, cache = step(model, jnp.asarray(prompt), jnp.asarray(pmask), cache)
     valid = pmask.astype(bool)
@@ -110,7 +110,7 @@ def test_remat_policies_same_loss_and_grads(hf_llama):
     ids = jnp.asarray(np.random.default_rng(3).integers(3, CFG.vocab_size, (2, 8)))
 
     def loss_and_grads(model):
-        loss = lambda m: jnp.mean(jax.nn.logsumexp(m.causal_lm(ids)[0], -1))
+        loss = lambda m: jnp.mean(jax.nn.logsumexp(causal_lm(m, ids)[0], -1))
         return nnx.jit(lambda m: nnx.value_and_grad(loss)(m))(model)
 
     ref_loss, ref_grads = loss_and_grads(ours(hf_llama, scan=True, remat="none"))

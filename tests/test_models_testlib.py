@@ -52,3 +52,10 @@ def llava_from_hf(cfg, hf_model):
 
     m = abstract(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
     return from_torch.load_params(m, from_torch.llava_params_from_hf_state_dict(cfg, state_dict_np(hf_model)))
+
+
+def causal_lm(model, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=()):
+    """A LlamaModel as transformers' LlamaForCausalLM (text only): -> (logits fp32 [B,T,V], {index: hidden},
+    cache)."""
+    last, hidden, cache = model(model.embed(input_ids), attention_mask, positions, cache, return_hidden)
+    return model.logits(last), hidden, cache

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from test_data_testlib import tokenizer_image_token
 from test_serve_testlib import tiny_hf_model, write_image
 
 from rskd_jax.data.chat import LLAVA_V1
-from rskd_jax.data.tokenizer import tokenizer_image_token
 from rskd_jax.serve import chat_cli, draw
 
 STEPS = 10

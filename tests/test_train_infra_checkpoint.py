@@ -172,23 +172,22 @@ def test_mismatch_lists_keys_and_is_not_treated_as_corruption(tmp_path, mesh):
     ck.close()
 
 
-def test_keep_latest_n_and_best(tmp_path):
+def test_keep_latest_n_and_metrics_in_meta(tmp_path):
     losses = {1: 5.0, 2: 1.0, 3: 3.0, 4: 4.0, 5: 6.0}
-    ck = Checkpointer(tmp_path, max_to_keep=2, keep_best=("loss", "min"))
+    ck = Checkpointer(tmp_path, max_to_keep=2)
     for s, loss in losses.items():
         ck.save(s, {"w": jnp.full((2,), float(s))}, metrics={"loss": loss})
     ck.wait()
-    assert ck.all_steps() == [2, 4, 5] and ck.best_step() == 2
+    assert ck.all_steps() == [4, 5]
     assert not ck.save(5, {"w": jnp.zeros(2)}, metrics={"loss": 0.0})  # existing step: skipped
-    with pytest.raises(KeyError, match="keep_best metric 'loss'"):
-        ck.save(6, {"w": jnp.zeros(2)}, metrics={"acc": 1.0})
     ck.close()
-    ck = Checkpointer(tmp_path, max_to_keep=2, keep_best=("loss", "min"))  # metrics survive a restart
+    ck = Checkpointer(tmp_path, max_to_keep=2)  # a restart keeps counting the steps on disk
     ck.save(6, {"w": jnp.zeros(2)}, metrics={"loss": 7.0})
     ck.wait()
-    assert ck.all_steps() == [2, 5, 6] and ck.best_step() == 2
-    r = ck.restore(restore_target({"w": jax.ShapeDtypeStruct((2,), jnp.float32)}), 2)
-    np.testing.assert_array_equal(np.asarray(r.state["w"]), [2.0, 2.0])
+    assert ck.all_steps() == [5, 6]
+    r = ck.restore(restore_target({"w": jax.ShapeDtypeStruct((2,), jnp.float32)}), 5)
+    np.testing.assert_array_equal(np.asarray(r.state["w"]), [5.0, 5.0])
+    assert r.metrics == {"loss": 6.0}
     ck.close()
 
 

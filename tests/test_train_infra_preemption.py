@@ -1,5 +1,5 @@
 """Preemption: SIGTERM to a toy training loop saves at the next step boundary and exits 0; the resumed run
-ends with bitwise the same parameters as an uninterrupted one. Also NonFiniteGuard and the jit helpers.
+ends with bitwise the same parameters as an uninterrupted one. Also NonFiniteGuard.
 
 Run as a script, this file is the toy loop: `python tests/test_train_infra_preemption.py WORKDIR STEPS SLEEP`.
 """
@@ -16,13 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rskd_jax.train.preemption import (
-    NonFiniteGuard,
-    PreemptionHandler,
-    TrainingDiverged,
-    all_finite,
-    select_tree,
-)
+from rskd_jax.train.preemption import NonFiniteGuard, PreemptionHandler, TrainingDiverged
 
 
 def toy_run(workdir: str, total_steps: int, sleep_s: float = 0.0) -> dict:
@@ -169,22 +163,6 @@ def test_non_finite_guard_counts_and_raises():
         g.update(12, False)
     with pytest.raises(ValueError):
         NonFiniteGuard(0)
-
-
-def test_all_finite_and_select_tree_under_jit():
-    new = {"w": jnp.array([1.0, 2.0]), "n": jnp.array(3, jnp.int32)}
-    old = {"w": jnp.array([5.0, 6.0]), "n": jnp.array(7, jnp.int32)}
-
-    @jax.jit
-    def step(grads):
-        ok = all_finite(grads)
-        return ok, select_tree(ok, new, old)
-
-    ok, out = step({"g": jnp.array([0.1, 0.2]), "i": jnp.array([1], jnp.int32)})
-    assert bool(ok) and out["w"].tolist() == [1.0, 2.0] and int(out["n"]) == 3
-    for bad in (jnp.nan, jnp.inf, -jnp.inf):
-        ok, out = step({"g": jnp.array([0.1, bad]), "i": jnp.array([1], jnp.int32)})
-        assert not bool(ok) and out["w"].tolist() == [5.0, 6.0] and int(out["n"]) == 7
 
 
 if __name__ == "__main__":

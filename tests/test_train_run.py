@@ -166,3 +166,46 @@ def test_failed_save_stops_the_run_with_one_line_and_keeps_checkpoints(finished_
     assert sorted(os.listdir(ckpts)) == ["3"]  # nothing that looks like a finished (or partial) step
     after = {p.relative_to(ckpts): p.read_bytes() for p in (ckpts / "3").rglob("*") if p.is_file()}
     assert after == before
+
+
+def scores(tree):
+    """`tree` without what depends on the clock or the workdir (`*_seconds`, figure paths)."""
+    if isinstance(tree, dict):
+        return {k: scores(v) for k, v in tree.items() if not k.endswith("_seconds") and k != "figure"}
+    return tree
+
+
+def test_stage_eval_evaluates_without_training(finished_run, tmp_path):
+    """`--stage eval` on a finished run writes the report from each stage's final checkpoint and trains
+    nothing (no metrics logged, no checkpoint written, no export); with the distillation's final step gone it
+    refuses with one line naming the stage, the workdir and the command that trains it."""
+    a = finished_run[0]
+    e = copy_run(a, tmp_path / "e")
+    shutil.copytree(a / "student_sft_more", e / "student_sft_more")
+    stages = ("teacher", "student_sft", "student_sft_more", "distill")
+    logs = {s: (e / s / "metrics.jsonl").read_text() for s in stages}
+    ckpts = {s: sorted(os.listdir(e / s / "checkpoints")) for s in stages}
+    train(e, stage="eval")
+    rep, ref = (json.loads((d / "report.json").read_text()) for d in (e, a))
+    assert (
+        list(rep["results"])
+        == list(ref["results"])
+        == [
+            "teacher",
+            "student SFT",
+            "student SFT continued",
+            "student distilled",
+        ]
+    )
+    # the same models as the run that trained them give the same scores
+    assert scores(rep["results"]) == scores(ref["results"])
+    assert {s: (e / s / "metrics.jsonl").read_text() for s in stages} == logs
+    assert {s: sorted(os.listdir(e / s / "checkpoints")) for s in stages} == ckpts
+    assert not (e / "student_hf").exists()
+    shutil.rmtree(e / "distill" / "checkpoints" / "6")
+    log = train(e, stage="eval", expect_rc=2)
+    errors = [ln for ln in log.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    assert f"stage 'distill' of {e} is not trained" in errors[0] and "reaches step 3 of 6" in errors[0]
+    assert f"--workdir {e} --stage distill" in errors[0]
+    assert sorted(os.listdir(e / "distill" / "checkpoints")) == ["3"]

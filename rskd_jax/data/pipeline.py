@@ -21,7 +21,6 @@ the worker count).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -247,11 +246,3 @@ def eval_batches(
     finally:
         if hasattr(it, "close"):
             it.close()
-
-
-def num_batches(
-    num_records: int, batch_size: int, shard_index: int, shard_count: int, drop_remainder: bool = True
-) -> int:
-    """Batches per epoch of one shard of a single source (records shard_index, shard_index + count, ...)."""
-    n = len(range(shard_index, num_records, shard_count))
-    return n // batch_size if drop_remainder else math.ceil(n / batch_size)

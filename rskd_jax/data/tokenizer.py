@@ -78,20 +78,6 @@ class TextEncoder:
         return self.tok(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def tokenizer_image_token(prompt: str, tok, image_seq_length: int = 1) -> list[int]:
-    """GeoChat's `tokenizer_image_token`: split on `<image>`, tokenize chunks separately, BOS once, and put
-    `image_seq_length` image tokens between chunks (GeoChat puts one -200 sentinel there)."""
-    ids = special_ids(tok)
-    chunks = prompt.split(IMAGE_TOKEN)
-    pieces = tok(chunks, add_special_tokens=False)["input_ids"]
-    out = [ids.bos]
-    for i, p in enumerate(pieces):
-        if i:
-            out += [ids.image] * image_seq_length
-        out += p
-    return out
-
-
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1000):
     """Trains a LLaMA-like SentencePiece BPE (byte fallback, split digits, dummy prefix, whitespace kept
     as is, `<unk>`=0 `<s>`=1 `</s>`=2) on `texts`, saves it as an HF tokenizer directory with `<image>`

@@ -6,14 +6,14 @@ p = teacher, q = student, both softmax(logits / temperature) over the full share
 
 Conventions shared by every function:
 * Math runs in float32 (float64 stays float64, so finite-difference tests can run under `jax.enable_x64`).
-* `mask` is [B, T]; nonzero = valid token. Scalar losses are masked token means sum(x·m) / max(sum(m), 1):
+* `mask` is [B, T]; nonzero = valid token. Losses reduce to masked token means sum(x·m) / max(sum(m), 1):
   an all-padding batch gives 0, not NaN. Padded positions are removed with `where`, so a non-finite value
   there cannot leak into the mean.
 * The teacher is a constant: teacher logits/features go through `stop_gradient`.
 * No temperature² factor (MiniLLM uses none; multiply outside for Hinton-style KD).
 * -inf logits (top-k / top-p filtered entries) never produce NaN, in the value or the gradient:
   - 0·log 0 = 0: a vocabulary entry whose weighting probability is 0 contributes nothing;
-  - `forward_kl` / `reverse_kl` additionally drop entries where EITHER model's logit is -inf, exactly like
+  - the forward / reverse KL additionally drop entries where EITHER model's logit is -inf, exactly like
     MiniLLM's `get_x_entropy` / `get_entropy` (log-probs zeroed at `inf_mask`). With the same filter on both
     models (what the rollout produces) this is the exact KL between the two truncated distributions; with
     a filter on one side only it is the KL over the common support (finite) rather than +inf.
@@ -22,7 +22,8 @@ Conventions shared by every function:
 
 Vocabulary-sized terms can be evaluated in sequence chunks with rematerialisation (`chunked_token_loss`)
 so fp32 [B, T, V] logits of both models never exist at once; every divergence therefore has a
-`*_per_token(...) -> [B, T]` form that the chunked loop (or `masked_mean`) reduces.
+`*_per_token(...) -> [B, T]` form that the chunked loop (or `masked_mean`) reduces. (The scalar forms the
+tests compare with MiniLLM's and TRL's losses are in tests/test_distill_testlib.py.)
 """
 
 from __future__ import annotations
@@ -80,11 +81,6 @@ def token_logprobs(logits: Array, ids: Array, temperature: float = 1.0) -> Array
     z = _float(logits) / temperature
     picked = jnp.take_along_axis(z, jnp.asarray(ids)[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(z, axis=-1)
-
-
-def cross_entropy(logits: Array, labels: Array, mask: Array, temperature: float = 1.0) -> Array:
-    """SFT / L_PT cross-entropy: masked token mean of -log q(label)."""
-    return masked_mean(-token_logprobs(logits, labels, temperature), mask)
 
 
 def _kl_sum(log_a: Array, log_b: Array, valid: Array) -> Array:
@@ -174,31 +170,6 @@ def generalized_jsd_per_token(student_logits, teacher_logits, beta: float = 0.5,
     return beta * _kl_sum(lp, lm, lp != NEG_INF) + (1.0 - beta) * _kl_sum(lq, lm, lq != NEG_INF)
 
 
-def forward_kl(student_logits: Array, teacher_logits: Array, mask: Array, temperature: float = 1.0) -> Array:
-    """mean_t sum_v p (log p - log q) over valid tokens."""
-    return masked_mean(forward_kl_per_token(student_logits, teacher_logits, temperature), mask)
-
-
-def reverse_kl(student_logits: Array, teacher_logits: Array, mask: Array, temperature: float = 1.0) -> Array:
-    """mean_t sum_v q (log q - log p) over valid tokens: the single-step decomposition term."""
-    return masked_mean(reverse_kl_per_token(student_logits, teacher_logits, temperature), mask)
-
-
-def skew_forward_kl(student_logits, teacher_logits, mask, alpha: float = 0.1, temperature: float = 1.0):
-    """Masked token mean of `skew_forward_kl_per_token` (DistiLLM SKL, alpha 0.1 default)."""
-    return masked_mean(skew_forward_kl_per_token(student_logits, teacher_logits, alpha, temperature), mask)
-
-
-def skew_reverse_kl(student_logits, teacher_logits, mask, alpha: float = 0.1, temperature: float = 1.0):
-    """Masked token mean of `skew_reverse_kl_per_token` (DistiLLM SRKL, alpha 0.1 default)."""
-    return masked_mean(skew_reverse_kl_per_token(student_logits, teacher_logits, alpha, temperature), mask)
-
-
-def generalized_jsd(student_logits, teacher_logits, mask, beta: float = 0.5, temperature: float = 1.0):
-    """Masked token mean of `generalized_jsd_per_token` (TRL beta convention; see there)."""
-    return masked_mean(generalized_jsd_per_token(student_logits, teacher_logits, beta, temperature), mask)
-
-
 TOKEN_DIVERGENCES = ("rkl", "fkl", "skew_fkl", "skew_rkl", "jsd")
 
 
@@ -220,31 +191,6 @@ def token_divergence(name: str, *, skew_alpha: float = 0.1, jsd_beta: float = 0.
 
 # ------------------------------------------------------------------------------------------------------------
 # MiniLLM long-term (policy-gradient) term.
-
-
-def mixed_importance_weights(student_logprobs: Array, teacher_logprobs: Array, alpha: float) -> Array:
-    """w_t = q(y_t) / (alpha·p(y_t) + (1 - alpha)·q(y_t)) on the sampled tokens (paper's single-step ratio).
-
-    Inputs are log-probs of the sampled tokens; computed in log space and detached (a sampling-time
-    constant). alpha = 0 (pure on-policy) gives 1.
-    """
-    alpha = _check_unit("alpha", alpha)
-    lq = jax.lax.stop_gradient(_float(student_logprobs))
-    lp = jax.lax.stop_gradient(_float(teacher_logprobs))
-    return jnp.exp(lq - _log_mix(lp, lq, alpha))
-
-
-def reverse_kl_rewards(
-    teacher_logprobs: Array, old_logprobs: Array, mask: Array, scale: float = 1.0, clip: float | None = None
-) -> Array:
-    """Per-token reward r_t = (log p(y_t) - log q_old(y_t)) / scale, optionally clipped to ±clip, 0 at pads.
-
-    MiniLLM scripts use scale 0.5, clip 100 (the scale is irrelevant after whitening except through the clip).
-    """
-    r = (_float(teacher_logprobs) - _float(old_logprobs)) / scale
-    if clip is not None:
-        r = jnp.clip(r, -clip, clip)
-    return jax.lax.stop_gradient(jnp.where(jnp.asarray(mask) != 0, r, 0.0))
 
 
 def long_term_advantages(
@@ -320,23 +266,6 @@ def policy_gradient_per_token(
     if weights is not None:
         ratio = ratio * jax.lax.stop_gradient(_float(weights))
     return jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
-
-
-def policy_gradient_loss(
-    logprobs: Array,
-    old_logprobs: Array,
-    advantages: Array,
-    mask: Array,
-    weights: Array | None = None,
-    clip_eps: float = 0.2,
-) -> Array:
-    """Masked token mean of `policy_gradient_per_token` (MiniLLM `_pg_loss`; clip 0.2 default)."""
-    valid = jnp.asarray(mask) != 0
-    # Padded positions are excluded before exp (MiniLLM multiplies the log-ratio by the mask).
-    logprobs = jnp.where(valid, _float(logprobs), 0.0)
-    old_logprobs = jnp.where(valid, _float(old_logprobs), 0.0)
-    per_token = policy_gradient_per_token(logprobs, old_logprobs, advantages, weights, clip_eps)
-    return masked_mean(per_token, valid)
 
 
 def k3_reverse_kl_estimate(

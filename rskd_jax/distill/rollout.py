@@ -1,4 +1,4 @@
-"""Teacher-mixed sampling (MiniLLM, paper Eq. 4) as one compiled loop, and greedy decoding for evaluation.
+"""Teacher-mixed sampling (MiniLLM, paper Eq. 4) as one compiled loop; `greedy=True` decodes for evaluation.
 
 Student and teacher each keep their own KV cache over the same image + prompt. At every step the next token is
 drawn from the token-level mixture  p~ = alpha * p_teacher + (1 - alpha) * q_student  in probability space,
@@ -259,31 +259,4 @@ def sample(
         weights=c["w"],
         lengths=c["mask"].sum(-1).astype(jnp.int32),
         teacher_states=states,
-    )
-
-
-def greedy_generate(
-    model,
-    prompt_ids,
-    prompt_mask,
-    max_new_tokens: int,
-    *,
-    eos_id: int,
-    pad_id: int,
-    pixel_values=None,
-    vision_features=None,
-) -> Rollout:
-    """Greedy decoding of one model (evaluation); the same loop with alpha = 0 and argmax."""
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, alpha=0.0, greedy=True)
-    return sample(
-        model,
-        None,
-        prompt_ids,
-        prompt_mask,
-        jax.random.key(0),
-        cfg,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        pixel_values=pixel_values,
-        student_vision_features=vision_features,
     )

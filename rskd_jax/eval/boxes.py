@@ -1,4 +1,4 @@
-"""GeoChat box strings and (rotated) box geometry, shapely-free.
+"""GeoChat box strings and (rotated) box geometry; IoU through shapely.
 
 GeoChat writes a box as ``{<x1><y1><x2><y2>|<θ>}``: left, top, right, bottom as integers on a 0–100 grid of
 the image width/height, and θ an integer angle in degrees (several boxes are concatenated ``}{``; grounded
@@ -9,9 +9,8 @@ we follow the demo's drawing code, which rotates the axis-aligned box about its 
 Because the grid is normalised per axis, rotation happens in grid units; for square images (all GeoChat-Bench
 grounding images) that equals rotating in pixels.
 
-IoU of rotated boxes is exact: both boxes become convex polygons (convex hull of their corners, so the
-corner order of ground-truth polygons does not matter), their intersection comes from Sutherland–Hodgman
-clipping and the areas from the shoelace formula.
+IoU of rotated boxes is exact: both boxes become convex polygons (the convex hull of their corners, so the
+corner order of ground-truth polygons does not matter) whose intersection and areas shapely (GEOS) computes.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import shapely
 
 
 class Box(NamedTuple):
@@ -137,84 +137,34 @@ def polygon_to_box(poly) -> Box:
     return Box(c[0] - w / 2, c[1] - h / 2, c[0] + w / 2, c[1] + h / 2, angle)
 
 
-def polygon_area(poly) -> float:
-    """Unsigned shoelace area."""
-    p = np.asarray(poly, dtype=np.float64)
-    if len(p) < 3:
-        return 0.0
-    x, y = p[:, 0], p[:, 1]
-    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
-
-
-def convex_hull(points) -> np.ndarray:
-    """Counter-clockwise (x right, y up) convex hull, Andrew's monotone chain; collinear points dropped."""
-    pts = sorted({(float(x), float(y)) for x, y in np.asarray(points, dtype=np.float64)})
-    if len(pts) <= 2:
-        return np.array(pts, dtype=np.float64).reshape(-1, 2)
-
-    def cross(o, a, b):
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
-    lower, upper = [], []
-    for p in pts:
-        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    for p in reversed(pts):
-        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
-
-
-def clip_convex(subject: np.ndarray, clip: np.ndarray) -> np.ndarray:
-    """Sutherland–Hodgman: the part of convex ``subject`` inside convex ``clip`` (both counter-clockwise)."""
-    out = [tuple(p) for p in subject]
-    for i in range(len(clip)):
-        if not out:
-            break
-        a, b = clip[i], clip[(i + 1) % len(clip)]
-        ex, ey = b[0] - a[0], b[1] - a[1]
-
-        def side(p, a=a, ex=ex, ey=ey):  # > 0: left of a->b, i.e. inside for a counter-clockwise clip
-            return ex * (p[1] - a[1]) - ey * (p[0] - a[0])
-
-        inp, out = out, []
-        for j in range(len(inp)):
-            p, q = inp[j], inp[(j + 1) % len(inp)]
-            sp, sq = side(p), side(q)
-            if sp >= 0:
-                out.append(p)
-            if (sp >= 0) != (sq >= 0):
-                t = sp / (sp - sq)
-                out.append((p[0] + t * (q[0] - p[0]), p[1] + t * (q[1] - p[1])))
-    return np.array(out, dtype=np.float64).reshape(-1, 2)
-
-
-def iou(a, b, rotated: bool = True) -> float:
-    """IoU of two boxes/polygons (see ``as_polygon``). ``rotated=False`` compares the enclosing axis-aligned
-    boxes instead (angles and polygon shape ignored). Degenerate (zero-area) inputs give 0."""
-    if not rotated:
-        (ax1, ay1, ax2, ay2, _), (bx1, by1, bx2, by2, _) = polygon_to_hbb(a), polygon_to_hbb(b)
-        inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
-        union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
-        return float(inter / union) if union > 0 else 0.0
-    pa, pb = convex_hull(as_polygon(a)), convex_hull(as_polygon(b))
-    area_a, area_b = polygon_area(pa), polygon_area(pb)
-    if area_a <= 0 or area_b <= 0:
-        return 0.0
-    inter = polygon_area(clip_convex(pa, pb))
-    union = area_a + area_b - inter
-    return float(min(1.0, max(0.0, inter / union))) if union > 0 else 0.0
+def _shapes(objs: Sequence, rotated: bool) -> np.ndarray:
+    """shapely polygons: the convex hull of each box's corners (rotated), or its enclosing axis-aligned box."""
+    if rotated:
+        shapes = [shapely.convex_hull(shapely.multipoints(as_polygon(o))) for o in objs]
+    else:
+        shapes = [shapely.box(*polygon_to_hbb(o)[:4]) for o in objs]
+    out = np.empty(len(shapes), dtype=object)
+    out[:] = shapes
+    return out
 
 
 def iou_matrix(preds: Sequence, gts: Sequence, rotated: bool = True) -> np.ndarray:
-    """[len(gts), len(preds)] IoU matrix."""
-    m = np.zeros((len(gts), len(preds)))
-    for i, g in enumerate(gts):
-        for j, p in enumerate(preds):
-            m[i, j] = iou(p, g, rotated=rotated)
-    return m
+    """[len(gts), len(preds)] IoU matrix of boxes / polygons (see ``as_polygon``). ``rotated=False`` compares
+    the enclosing axis-aligned boxes instead (angles and polygon shape ignored). Degenerate (zero-area) boxes
+    give 0."""
+    g, p = _shapes(gts, rotated), _shapes(preds, rotated)
+    if not len(g) or not len(p):
+        return np.zeros((len(g), len(p)))
+    inter = shapely.area(shapely.intersection(g[:, None], p[None, :]))
+    area_g, area_p = shapely.area(g)[:, None], shapely.area(p)[None, :]
+    union = area_g + area_p - inter
+    ok = (area_g > 0) & (area_p > 0) & (union > 0)
+    return np.where(ok, np.clip(inter / np.where(ok, union, 1.0), 0.0, 1.0), 0.0)
+
+
+def iou(a, b, rotated: bool = True) -> float:
+    """IoU of two boxes / polygons; see ``iou_matrix``."""
+    return float(iou_matrix([a], [b], rotated=rotated)[0, 0])
 
 
 def scale_polygon(poly, image_size: tuple[float, float]) -> np.ndarray:

@@ -225,18 +225,6 @@ def markdown_report(
     return "\n\n".join(parts) + "\n"
 
 
-def comparison_report(
-    teacher: Mapping,
-    before: Mapping,
-    after: Mapping,
-    names: tuple[str, str, str] = ("teacher", "student (before)", "student (after)"),
-    title: str | None = "Teacher vs student before / after distillation",
-) -> str:
-    """The demo / paper comparison: three models side by side plus the after − before row."""
-    results = dict(zip(names, (teacher, before, after)))
-    return markdown_report(results, title=title, delta=(names[1], names[2]))
-
-
 def write_report(
     results: Mapping[str, Mapping[str, dict]],
     out_dir,

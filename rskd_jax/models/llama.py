@@ -245,18 +245,6 @@ class LlamaModel(nnx.Module):
             )
         return last, hidden, cache
 
-    def causal_lm(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        positions: jax.Array | None = None,
-        cache: KVCache | None = None,
-        return_hidden: Sequence[int] = (),
-    ):
-        """Text-only convenience (LlamaForCausalLM): -> (logits fp32 [B,T,V], {index: hidden}, cache)."""
-        last, hidden, cache = self(self.embed(input_ids), attention_mask, positions, cache, return_hidden)
-        return self.logits(last), hidden, cache
-
 
 def cache_shardings(cache: KVCache, mesh) -> KVCache:
     """NamedShardings for a KV cache per the rules table (e.g. for jit in/out_shardings in a rollout)."""

@@ -8,11 +8,11 @@ One step directory, `<directory>/<step>/`, holds four items:
 * `config` - the resolved config as JSON (an `ml_collections.ConfigDict`, a dataclass or a dict).
 * `meta`   - JSON: caller metadata (teacher path/fingerprint, ...), the step's metrics and the save time.
 
-Saving is asynchronous (`wait()` blocks until the last save is committed). `max_to_keep` newest steps are
-kept, plus the best one by a metric when `keep_best=("metric", "min"|"max")` is given. Each save records a
-checksum of every array in `meta` (computed on device, see `array_checksums`), so a restore detects array
-data that reads without error but is damaged. A save that fails (disk full, no permission, bucket error)
-raises CheckpointSaveError saying what to fix; its partial directory is removed and older steps are kept.
+Saving is asynchronous (`wait()` blocks until the last save is committed). The `max_to_keep` newest steps are
+kept. Each save records a checksum of every array in `meta` (computed on device, see `array_checksums`), so a
+restore detects array data that reads without error but is damaged. A save that fails (disk full, no
+permission, bucket error) raises CheckpointSaveError saying what to fix; its partial directory is removed and
+older steps are kept.
 
 Restores always take an explicit abstract target (ShapeDtypeStructs with concrete shardings) so arrays land
 where the caller wants them, never where they were saved (see `restore_target`). `restore_latest_valid`
@@ -240,8 +240,6 @@ class Checkpointer:
     Args:
       directory: where step directories go (local path or gs://...). Created if missing.
       max_to_keep: how many of the newest steps to keep (None keeps all).
-      keep_best: `(metric_name, "min"|"max")` also keeps the best step by that metric (the metric must be in
-        the `metrics` given to `save`; steps saved without metrics are ranked by recency only).
       save_interval_steps: `save` is a no-op on other steps unless `force=True`.
       async_save: commit in a background thread (orbax async checkpointing).
     """
@@ -251,38 +249,16 @@ class Checkpointer:
         directory: str | os.PathLike,
         *,
         max_to_keep: int | None = 3,
-        keep_best: tuple[str, str] | None = None,
         save_interval_steps: int = 1,
         async_save: bool = True,
     ):
         self.directory = epath.Path(directory)
-        self.keep_best = keep_best
-        best_fn, policy = None, ocp_managers.LatestN(max_to_keep)
-        if keep_best is not None:
-            name, mode = keep_best
-            if mode not in ("min", "max"):
-                raise ValueError(f"keep_best mode must be 'min' or 'max', got {mode!r}")
-            best_fn = lambda m: m[name]  # noqa: E731
-            # BestN sorts ascending and keeps the tail: reverse=True keeps the smallest.
-            policy = ocp_managers.AnyPreservationPolicy(
-                [
-                    policy,
-                    ocp_managers.BestN(
-                        get_metric_fn=best_fn,
-                        reverse=(mode == "min"),
-                        n=1,
-                        keep_checkpoints_without_metrics=False,
-                    ),
-                ]
-            )
         import grain  # local import: grain is heavy-ish and only needed here
 
         self._grain = grain
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
-            preservation_policy=policy,
-            best_fn=best_fn,
-            best_mode=keep_best[1] if keep_best else "max",  # best_fn makes orbax persist metrics
+            preservation_policy=ocp_managers.LatestN(max_to_keep),
             enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=True,  # partial steps of a run killed mid-save
@@ -312,18 +288,13 @@ class Checkpointer:
         """Starts saving `step` (returns before the commit when async). False if skipped.
 
         Skipped when `step` is already saved or (unless `force`) is off the save interval. `metrics` are
-        scalars (host or device) stored with the step and used by `keep_best`.
+        scalars (host or device) stored with the step in its `meta` record.
         """
         step = int(step)
         if step in self._mngr.all_steps():
             log.info("checkpoint step %d already exists in %s; not saving again", step, self.directory)
             return False
         metrics = _metrics_to_json(metrics)
-        if self.keep_best is not None and metrics is not None and self.keep_best[0] not in metrics:
-            raise KeyError(
-                f"keep_best metric {self.keep_best[0]!r} missing from the metrics given to save "
-                f"(have {sorted(metrics)})"
-            )
         storable = _keys_to_data(state)
         record = {"meta": dict(meta or {}), "metrics": metrics, "step": step, "saved_unix": time.time()}
         record["checksums"] = array_checksums(storable)
@@ -339,12 +310,7 @@ class Checkpointer:
             items["config"] = ocp.args.JsonSave(_config_to_json(config))
         self.wait()  # orbax waits for the previous save here anyway; this reports its failure as its own
         with self._save_errors(step):
-            saved = self._mngr.save(
-                step,
-                args=ocp.args.Composite(**items),
-                metrics=metrics if self.keep_best else None,
-                force=force,
-            )
+            saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
             self._pending = step
             log.info("saving checkpoint step %d to %s", step, self.directory)
@@ -399,16 +365,6 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
-
-    def best_step(self) -> int | None:
-        """The kept step with the best `keep_best` metric (None without keep_best or metrics)."""
-        if self.keep_best is None:
-            return None
-        name, mode = self.keep_best
-        scored = [(m[name], s) for s in self.all_steps() if (m := self._mngr.metrics(s)) and name in m]
-        if not scored:
-            return None
-        return (min if mode == "min" else max)(scored)[1]
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -575,6 +531,16 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+    """The complete steps in a checkpoint directory, oldest first, read from the directory listing (orbax
+    writes the commit marker last; set-aside `<step>.corrupt` and partial steps are not counted). Opens no
+    checkpoint and creates nothing: `[]` when the directory does not exist."""
+    d = epath.Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / COMMIT_MARKER).is_file())
 
 
 def _remove(path: epath.Path, tries: int = 10) -> None:

@@ -24,6 +24,7 @@ from rskd_jax.convert.errors import ConversionError
 from rskd_jax.data import load_tokenizer, special_ids
 from rskd_jax.parallel import mesh as mesh_lib
 from rskd_jax.parallel import multihost, place, rules
+from rskd_jax.train import checkpoint as ckpt_lib
 from rskd_jax.train import run
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,10 @@ def is_workdir(path: str | pathlib.Path) -> bool:
 
 def newest_step(ckpt_dir: pathlib.Path) -> pathlib.Path:
     """The newest complete step directory (orbax writes `commit_success.txt` last; set-aside steps skipped)."""
-    steps = sorted(
-        (int(p.name), p)
-        for p in ckpt_dir.glob("*")
-        if p.name.isdigit() and (p / "commit_success.txt").is_file()
-    )
+    steps = ckpt_lib.committed_steps(ckpt_dir)
     if not steps:
         raise ConversionError(f"{ckpt_dir}: no complete checkpoint step (nothing to export)")
-    return steps[-1][1]
+    return ckpt_dir / str(steps[-1])
 
 
 def restore_trained(model, state_dir: pathlib.Path, prefix: tuple = ("params", "model")) -> int:

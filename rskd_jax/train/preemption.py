@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
@@ -83,14 +82,6 @@ class PreemptionHandler:
     def _on_signal(self, signum, frame) -> None:  # runs in the main thread between bytecodes
         self._stop = True
         self.reason = signal.Signals(signum).name
-
-    def request_stop(self, reason: str = "requested") -> None:
-        """Stops at the next `should_stop` (on this host only)."""
-        self._stop, self.reason = True, reason
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop
 
     def should_stop(self, step: int) -> bool:
         """True when the loop should save and exit after `step`. Call it on every step on every host."""
@@ -157,21 +148,3 @@ class NonFiniteGuard:
                 f"the last saved checkpoint is intact. Lower the learning rate or check the data/loss."
             )
         return False
-
-
-def all_finite(*trees: Any) -> jax.Array:
-    """Scalar bool: every floating-point leaf of every tree is finite (jit-friendly)."""
-    leaves = [
-        x
-        for t in trees
-        for x in jax.tree.leaves(t)
-        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    if not leaves:
-        return jnp.array(True)
-    return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
-
-
-def select_tree(ok: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where `ok`, else `old`, leaf by leaf: skips an update inside jit without a host round trip."""
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)

@@ -10,6 +10,8 @@ Stages (each in its own sub-directory of the workdir, each resuming from its own
   eval          teacher / student SFT / SFT continued / distilled on the evaluation split -> report.md + .json
 
 A stage whose checkpoints already reach its step count is not re-run: its final checkpoint is restored.
+`stage="eval"` (`--stage eval`) only evaluates: it refuses, before loading anything, when a stage the config
+asks for has not reached its step count (`check_trained`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from rskd_jax.models import LoRAConfig, apply_lora, without_lora
 from rskd_jax.parallel import mesh as mesh_lib
 from rskd_jax.parallel import multihost
 from rskd_jax.train import loop
+from rskd_jax.train.checkpoint import committed_steps
 from rskd_jax.train.context import Context, transform_for
 from rskd_jax.train.final_eval import evaluate_split, final_report
 
@@ -367,15 +370,56 @@ def check_attention_backend(config) -> None:
             )
 
 
+def stage_steps(config) -> dict[str, int]:
+    """The training stages the config asks for, in order, with the step count each trains to."""
+    c = config
+    if c.get("mode") == "sft":
+        steps = {"sft": c.model.sft_steps}
+    else:
+        steps = {"teacher": c.teacher.sft_steps, "student_sft": c.student.sft_steps}
+        if c.get("sft_control", False):
+            steps[SFT_CONTROL] = c.total_steps
+        steps["distill"] = c.total_steps
+    return {name: n for name, n in steps.items() if n > 0}
+
+
+def check_trained(config, workdir) -> None:
+    """`--stage eval` evaluates and never trains: a ValueError naming the first stage of `workdir` whose
+    committed checkpoints do not reach its step count, and the command that trains it."""
+    for name, steps in stage_steps(config).items():
+        ckpt_dir = pathlib.Path(workdir) / name / "checkpoints"
+        done = max(committed_steps(ckpt_dir), default=0)
+        if done < steps:
+            if config.get("mode") == "sft":
+                cmd = f"python launch/train.py --config configs/sft.py:... --workdir {workdir}"
+            else:
+                cmd = (
+                    f"python launch/train.py --config configs/distill.py:{config.get('preset', '...')} "
+                    f"--workdir {workdir} --stage {name}"
+                )
+            raise ValueError(
+                f"--stage eval only evaluates, and stage {name!r} of {workdir} is not trained "
+                f"({ckpt_dir} reaches step {done} of {steps}): train it first with `{cmd}` (with this "
+                "run's other --config overrides), then rerun --stage eval"
+            )
+
+
 def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes=None, process_id=None):
     setup_logging()
     if config.get("mode") != "sft":  # refused configurations fail before any model is loaded
         check_config(config)
+    if stage == "eval":
+        check_trained(config, workdir)
     multihost.initialize(coordinator, num_processes, process_id)
     check_attention_backend(config)
     t0 = time.perf_counter()
     ctx = prepare(config, workdir)
     c = config
+    if stage == "eval" and ctx.eval_source is None:
+        raise ValueError(
+            f"--stage eval: the training data (data.name={c.data.name!r}) has no evaluation split, so there is "
+            "nothing to evaluate here; evaluate the exported model with launch/eval.py instead"
+        )
     log.info("workdir %s, mesh %s, %d devices", ctx.workdir, dict(ctx.mesh.shape), jax.device_count())
     check_models(ctx)
     if c.get("mode") == "sft":
@@ -397,7 +441,7 @@ def run(config, workdir, stage: str = "auto", *, coordinator=None, num_processes
     student_after = res.model
     if wants_report and student_before is None:
         student_before = without_lora(student_after)  # the base weights LoRA was trained on: no copy
-    if c.get("export_student", True):
+    if c.get("export_student", True) and stage != "eval":  # the distill stage exported it already
         export_student(ctx, student_after)
     if stage == "distill":
         return None

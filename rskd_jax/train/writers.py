@@ -1,14 +1,13 @@
-"""Metric writers without TensorFlow: JSONL, TensorBoard event files, console; plus metric helpers.
+"""Metric writers without TensorFlow: JSONL, TensorBoard event files, console; plus running averages.
 
 * `JsonlWriter`        - `workdir/metrics.jsonl`, one JSON object per write: `{"step", "time", **scalars}`.
 * `TensorBoardWriter`  - `events.out.tfevents.*` files through tensorboardX (its Event/Summary protobufs and
                          TFRecord writer): scalars as `simple_value`, texts as string tensors for the text
-                         plugin. `read_events` reads them back.
+                         plugin.
 * `ConsoleWriter`, `MultiWriter`, `create_default_writer` (files on process 0 only).
   File writers take local paths or URLs (gs://...): see `AppendFile`.
 * `Averages`           - running means of step metrics with `clu.metrics.Average` (clu's metric classes work
                          without TF; `clu.metric_writers` does not).
-* `log_parameter_overview` - the parameter table from `clu.parameter_overview`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import json
 import logging
 import os
 import socket
-import struct
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -250,45 +248,6 @@ class TensorBoardWriter(MetricWriter):
         self._w.close()
 
 
-def read_tfrecords(path: str | os.PathLike) -> list[bytes]:
-    """Record payloads of a TFRecord file; raises ValueError naming the file and offset on a CRC mismatch."""
-    data, out, i = open(path, "rb").read(), [], 0
-    while i < len(data):
-        if len(data) - i < 12:
-            raise ValueError(f"{path}: truncated record header at byte {i}")
-        header = data[i : i + 8]
-        (n,) = struct.unpack("<Q", header)
-        (hcrc,) = struct.unpack("<I", data[i + 8 : i + 12])
-        if hcrc != record_writer.masked_crc32c(header):
-            raise ValueError(f"{path}: length CRC mismatch at byte {i}")
-        payload = data[i + 12 : i + 12 + n]
-        if len(payload) != n or len(data) < i + 16 + n:
-            raise ValueError(f"{path}: truncated record at byte {i} (expected {n} bytes)")
-        (dcrc,) = struct.unpack("<I", data[i + 12 + n : i + 16 + n])
-        if dcrc != record_writer.masked_crc32c(payload):
-            raise ValueError(f"{path}: data CRC mismatch at byte {i}")
-        out.append(payload)
-        i += 16 + n
-    return out
-
-
-def read_events(path: str | os.PathLike) -> list[dict]:
-    """Decodes an event file: [{wall_time, step, file_version?, scalars, texts}]."""
-    events = []
-    for rec in read_tfrecords(path):
-        e = event_pb2.Event.FromString(rec)
-        ev: dict[str, Any] = {"wall_time": e.wall_time, "step": e.step, "scalars": {}, "texts": {}}
-        if e.file_version:
-            ev["file_version"] = e.file_version
-        for v in e.summary.value:
-            if v.HasField("simple_value"):
-                ev["scalars"][v.tag] = v.simple_value
-            elif v.HasField("tensor"):
-                ev["texts"][v.tag] = b"".join(v.tensor.string_val).decode()
-        events.append(ev)
-    return events
-
-
 def create_default_writer(
     workdir: str | os.PathLike,
     *,
@@ -343,36 +302,3 @@ class Averages:
 
     def __bool__(self) -> bool:
         return bool(self._m)
-
-
-def log_parameter_overview(
-    params: Any,
-    *,
-    include_stats: bool | None = None,
-    max_stats_params: int = 50_000_000,
-    logger: logging.Logger | None = None,
-) -> str:
-    """Logs (INFO) and returns the parameter table from `clu.parameter_overview`.
-
-    `params` is a pytree, an `nnx.State` or an `nnx.Module` (its `nnx.Param`s). Mean/std columns are added
-    when `include_stats` is True, or by default when there are at most `max_stats_params` parameters and all
-    arrays are fully addressable (stats of a 13B model would pull every weight to the host).
-    """
-    import jax
-    from clu import parameter_overview
-    from flax import nnx
-
-    if isinstance(params, nnx.Module):
-        params = nnx.state(params, nnx.Param)
-    if isinstance(params, nnx.State):
-        params = nnx.to_pure_dict(params)
-    if include_stats is None:
-        leaves = jax.tree.leaves(params)
-        n = sum(int(np.prod(x.shape)) for x in leaves if hasattr(x, "shape"))
-        include_stats = n <= max_stats_params and all(
-            getattr(x, "is_fully_addressable", True) for x in leaves
-        )
-    table = parameter_overview.get_parameter_overview(params, include_stats=include_stats)
-    for line in table.splitlines():
-        (logger or log).info("%s", line)
-    return table
