@@ -14,14 +14,23 @@ default; the shorthand arguments (steps, res, attention, dtype, teacher_param_dt
 """
 
 from configs import distill
+from configs.common import parse_arg
 
 PRESETS = ("real", "rehearsal")
 
 
 def get_config(arg=None):
-    a = distill.parse(arg)
-    if a.preset == "demo":  # distill.parse's default preset: none named
-        a.preset = "real"
+    a = parse_arg(
+        arg,
+        preset="real",
+        steps=-1,
+        res=-1,
+        attention="",
+        dtype="",
+        teacher_param_dtype="",
+        remat="",
+        root="",
+    )  # configs/distill.py's shorthand arguments
     return from_args(a)
 
 
