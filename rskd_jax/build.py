@@ -2,7 +2,7 @@
 LlavaModel whose parameters are created or loaded directly in their sharding on the mesh.
 
 Training (`rskd_jax.train.run`), the AOT plan (`rskd_jax.train.plan`) and evaluation read model configs here, so
-the plan compiles the program training runs. A config section (configs/distill.py `_model`) holds:
+the plan compiles the program training runs. A config section (configs/distill.py `model_section`) holds:
     preset        a name from rskd_jax.models.presets (architecture)
     vision, text  size fields replacing the preset's (tests and rehearsals shrink the real presets this way)
     overrides     LlavaConfig fields: numerics and layout (dtype, param_dtype, remat_policy, attention_impl, ...)

@@ -88,10 +88,10 @@ def test_reduced_comparison(tmp_path, monkeypatch):
     calls = {}
     real_fit = loop.fit
 
-    def spy(**kw):
-        batch = next(iter(kw["dataset"]))  # a fresh iterator: the run's own data order is untouched
-        calls[kw["name"]] = dict(teacher=kw["teacher"], spec=kw["spec"], batch=batch)
-        return real_fit(**kw)
+    def spy(job, opts):
+        batch = next(iter(job.dataset))  # a fresh iterator: the run's own data order is untouched
+        calls[job.name] = dict(teacher=job.teacher, spec=job.spec, batch=batch)
+        return real_fit(job, opts)
 
     monkeypatch.setattr(loop, "fit", spy)
     c = compare_config.get_config("tiny")

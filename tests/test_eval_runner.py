@@ -55,15 +55,10 @@ def test_scene_ucmerced_tiny_random_model(shared_data, tok_dir, tmp_path):
         model,
         tok,
         {"ucm": src},
-        tasks=("scene",),
-        limit=42,
-        batch_size=8,
-        max_new_tokens=6,
-        max_prompt_len=384,
-        out_dir=tmp_path,
-        meteor=False,
-        progress=False,
-        model_name="tiny-random",
+        runner.Generation(
+            tasks=("scene",), limit=42, batch_size=8, max_new_tokens=6, max_prompt_len=384, progress=False
+        ),
+        runner.Scoring(out_dir=tmp_path, meteor=False, model_name="tiny-random"),
     )
     m = res["ucm"]
     conf = np.asarray(m["confusion"])
@@ -101,15 +96,17 @@ def test_scene_scores_follow_the_answers(shared_data, tok_dir, tmp_path):
         None,
         tok_dir,
         {"ucm": src},
-        tasks=("scene",),
-        limit=42,
-        batch_size=8,
-        image_size=32,
-        image_seq_length=16,
-        max_prompt_len=384,
-        generator=stub,
-        out_dir=tmp_path,
-        progress=False,
+        runner.Generation(
+            tasks=("scene",),
+            limit=42,
+            batch_size=8,
+            image_size=32,
+            image_seq_length=16,
+            max_prompt_len=384,
+            generator=stub,
+            progress=False,
+        ),
+        runner.Scoring(out_dir=tmp_path),
     )
     m = res["ucm"]
     labels = np.array([src.records[i]["meta"]["label"] for i in idx])
@@ -227,13 +224,8 @@ def test_dispatch_all_tasks_scored_by_hand(tok_dir, tmp_path):
         None,
         tok,
         sources,
-        generator=stub,
-        image_size=32,
-        image_seq_length=16,
-        batch_size=4,
-        meteor=False,
-        out_dir=tmp_path / "out",
-        progress=False,
+        runner.Generation(generator=stub, image_size=32, image_seq_length=16, batch_size=4, progress=False),
+        runner.Scoring(meteor=False, out_dir=tmp_path / "out"),
     )
     v = res["rsvqa_LR_test"]
     assert v["per_type"] == pytest.approx({"presence": 200 / 3, "comparison": 100.0, "rural_urban": 0.0})
@@ -346,8 +338,11 @@ def test_aid_prompt_widths_sized_from_the_data_with_any_tokenizer(tok_dir, tmp_p
 
     with caplog.at_level("INFO", logger="rskd_jax.eval.lengths"):
         res = runner.evaluate(
-            None, tok_dir, {"aid": src}, tasks=("scene",), batch_size=8, image_size=32, image_seq_length=16,
-            generator=stub, progress=False, meteor=False,
+            None, tok_dir, {"aid": src},
+            runner.Generation(
+                tasks=("scene",), batch_size=8, image_size=32, image_seq_length=16, generator=stub, progress=False
+            ),
+            runner.Scoring(meteor=False),
         )  # fmt: skip
     assert res["aid"]["oa"] == pytest.approx(100.0)
     assert any(

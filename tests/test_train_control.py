@@ -22,9 +22,9 @@ def test_sft_control_gets_no_teacher_and_the_distillation_schedule(tmp_path, mon
     config.export_student = False
     calls = {}
 
-    def fake_fit(**kw):
-        calls[kw["name"]] = dict(kw, first=_first_batch(kw["dataset"]))
-        return loop.FitResult(kw["model"], None, kw["total_steps"], False, [])
+    def fake_fit(job, opts):
+        calls[job.name] = dict(vars(job), first=_first_batch(job.dataset))
+        return loop.FitResult(job.model, None, job.total_steps, False, [])
 
     reports = []
     monkeypatch.setattr(loop, "fit", fake_fit)

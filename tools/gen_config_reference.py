@@ -20,10 +20,11 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "config_reference.md"
-CONFIGS = ("distill", "sft", "eval", "compare")  # configs/<name>.py, in this order
+CONFIGS = ("distill", "geochat13b_to_7b", "sft", "eval", "compare")  # configs/<name>.py, in this order
 DESCRIBED_LIKE = {
     "sft": "distill",
     "compare": "distill",
+    "geochat13b_to_7b": "distill",
 }  # sft.py builds on distill.py: shared keys share descriptions
 
 # One line per key (a key missing here shows its trailing comment in the config file, if any). Keep them short

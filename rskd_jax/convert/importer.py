@@ -119,7 +119,40 @@ def build_plan(
         origin.update({k: lora.origin[k] for k in lora.overrides})
     target = _pick_dtype(list(refs.values()), dtype)
     cfg = source.cfg.replace(scan_layers=scan_layers, param_dtype=target.name, dtype=target.name)
-    entries = keymap.entries(cfg)
+    entries, lora_cfg, merges = _lora_entries(keymap.entries(cfg), lora, lora_mode, refs, origin)
+    expected = expected_params(cfg, lora_cfg)
+    _check_table(entries, expected)
+    stacked = {e.param for e in entries if e.layer is not None}
+    params = {p: ckpt.ParamSpec(s, target, p in stacked) for p, s in expected.items()}
+    items, missing, shapes, used, merged = _match(entries, refs, origin, params, merges)
+    unexpected = list(source.unexpected) + [origin[k] for k in refs if k not in used]
+    unexpected += [
+        lora.origin.get(w[: -len(".weight")] + ".lora_A.weight", w) + " (LoRA: no such base weight)"
+        for w in merges
+        if w not in merged
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            listing("missing keys (canonical name, expected HF shape)", missing),
+            listing("unexpected keys", unexpected),
+            listing("shape mismatches", shapes),
+        ]
+        hint = (
+            " (keep-mode LoRA needs adapters on every layer of each target; try --lora-mode merge)"
+            if (lora_cfg is not None and any("lora_" in m for m in missing))
+            else ""
+        )
+        raise ConversionError(
+            "the checkpoint does not match the model config: " + "; ".join(p for p in parts if p) + hint
+        )
+    order = {f: i for i, f in enumerate(dict.fromkeys(it.ref.file for it in items))}
+    items.sort(key=lambda it: order[it.ref.file])  # stable: table order within a file
+    return Plan(cfg, params, items, lora_cfg, list(source.ignored))
+
+
+def _lora_entries(entries, lora, lora_mode: str, refs: dict, origin: dict):
+    """(entries, keep-mode LoraConfig or None, {base weight: (A, B, scale)} to merge) for an optional adapter;
+    keep mode adds the adapters' own entries and their tensors to `refs` / `origin` (updated in place)."""
     by_hf = {e.hf: e for e in entries}
     lora_cfg = None
     merges: dict[str, tuple[TensorRef, TensorRef, float]] = {}
@@ -137,12 +170,12 @@ def build_plan(
         ]
     elif lora is not None:
         merges = {w: (a, b, lora.scale) for w, (a, b) in lora.pairs.items()}
+    return entries, lora_cfg, merges
 
-    expected = expected_params(cfg, lora_cfg)
-    _check_table(entries, expected)
-    stacked = {e.param for e in entries if e.layer is not None}
-    params = {p: ckpt.ParamSpec(s, target, p in stacked) for p, s in expected.items()}
 
+def _match(entries, refs: dict, origin: dict, params: dict, merges: dict):
+    """Each table entry against the checkpoint's tensors -> (items, missing, shape mismatches, used HF names,
+    merged LoRA base weights)."""
     items, missing, shapes, used, merged = [], [], [], set(), set()
     for e in entries:
         ref = refs.get(e.hf)
@@ -175,29 +208,7 @@ def build_plan(
                     f"{ref.info.shape}"
                 )
         items.append(Item(e, ref, resize, lo))
-    unexpected = list(source.unexpected) + [origin[k] for k in refs if k not in used]
-    unexpected += [
-        lora.origin.get(w[: -len(".weight")] + ".lora_A.weight", w) + " (LoRA: no such base weight)"
-        for w in merges
-        if w not in merged
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            listing("missing keys (canonical name, expected HF shape)", missing),
-            listing("unexpected keys", unexpected),
-            listing("shape mismatches", shapes),
-        ]
-        hint = (
-            " (keep-mode LoRA needs adapters on every layer of each target; try --lora-mode merge)"
-            if (lora_cfg is not None and any("lora_" in m for m in missing))
-            else ""
-        )
-        raise ConversionError(
-            "the checkpoint does not match the model config: " + "; ".join(p for p in parts if p) + hint
-        )
-    order = {f: i for i, f in enumerate(dict.fromkeys(it.ref.file for it in items))}
-    items.sort(key=lambda it: order[it.ref.file])  # stable: table order within a file
-    return Plan(cfg, params, items, lora_cfg, list(source.ignored))
+    return items, missing, shapes, used, merged
 
 
 def _resizable(got: tuple, want: tuple) -> bool:

@@ -98,32 +98,10 @@ def open_source(
 ) -> Source:
     """Opens SRC (+ parts) and returns its Source. Raises ConversionError for anything unreadable."""
     src = pathlib.Path(src)
-    if fmt not in FORMATS:
-        raise ConversionError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
-    if not src.is_dir():
-        raise ConversionError(f"{src}: not a directory")
-    if is_checkpoint(src):
-        raise ConversionError(f"{src}: already an rskd-jax checkpoint (load it with load_pretrained)")
-    if (src / "adapter_config.json").is_file():
-        raise ConversionError(
-            f"{src}: a LoRA adapter; give the base model as SRC and the adapter with --lora"
-        )
+    _refuse_non_sources(src, fmt)
     config = hfconfig.read_json(src / "config.json") if (src / "config.json").is_file() else {}
     main = WeightSet(src)
-    detected = detect_format(src, config, list(main.refs))
-    if fmt == "auto":
-        fmt = detected
-        if fmt == "llama":
-            if vision_tower is None or mm_projector is None:
-                raise ConversionError(
-                    f"{src}: a plain LLaMA checkpoint; convert it with --format parts, "
-                    "--vision-tower CLIP_DIR and --mm-projector mm_projector.bin"
-                )
-            fmt = "parts"
-    elif {fmt, detected} not in ({"llava", "geochat"}, {fmt}) and not (
-        fmt == "parts" and detected == "llama"
-    ):
-        raise ConversionError(f"{src}: --format {fmt} given, but the checkpoint looks like {detected}")
+    fmt = _resolve_format(src, fmt, detect_format(src, config, list(main.refs)), vision_tower, mm_projector)
     where = str(src / "config.json")
     layout = {"hf-llava": "hf-llava", "llava": "llava", "geochat": "llava", "parts": "llama"}[fmt]
     out = Source(fmt, None, {}, {}, [], [], layout, src if _has_tokenizer(src) else None, fmt != "hf-llava")
@@ -136,20 +114,7 @@ def open_source(
         vision_cfg = hfconfig.vision_config(hfconfig.read_json(vt / "config.json"), str(vt / "config.json"))
         _collect(WeightSet(vt), "clip", out)
     if fmt == "parts":
-        if vision_tower is None or mm_projector is None:
-            raise ConversionError("--format parts needs --vision-tower CLIP_DIR and --mm-projector FILE")
-        proj = pathlib.Path(mm_projector)
-        proj_file = proj / "mm_projector.bin" if proj.is_dir() else proj
-        mm_cfg = (
-            hfconfig.read_json(proj / "config.json")
-            if proj.is_dir() and (proj / "config.json").is_file()
-            else {}
-        )
-        _collect(WeightSet(proj_file), "projector", out)
-        kind = "mlp2x_gelu" if PROJECTOR + "linear_2.weight" in out.refs else "linear"
-        config = {**config, **{k: v for k, v in mm_cfg.items() if k.startswith("mm_")}}
-        config.setdefault("mm_projector_type", kind)
-        config.setdefault("mm_vision_select_layer", -2)
+        config = _collect_projector(out, config, vision_tower, mm_projector)
 
     if fmt == "hf-llava":
         cfg = hfconfig.llava_config(config, where)
@@ -175,3 +140,52 @@ def open_source(
         cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=image_size))
     out.cfg = cfg
     return out
+
+
+def _refuse_non_sources(src: pathlib.Path, fmt: str) -> None:
+    """ConversionError unless `src` is a directory holding a convertible checkpoint and `fmt` a known format."""
+    if fmt not in FORMATS:
+        raise ConversionError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
+    if not src.is_dir():
+        raise ConversionError(f"{src}: not a directory")
+    if is_checkpoint(src):
+        raise ConversionError(f"{src}: already an rskd-jax checkpoint (load it with load_pretrained)")
+    if (src / "adapter_config.json").is_file():
+        raise ConversionError(
+            f"{src}: a LoRA adapter; give the base model as SRC and the adapter with --lora"
+        )
+
+
+def _resolve_format(src, fmt: str, detected: str, vision_tower, mm_projector) -> str:
+    """The format to convert with: the detected one for `auto` (a plain LLaMA needs its parts), else `fmt`
+    when it agrees with what was detected."""
+    if fmt == "auto":
+        if detected != "llama":
+            return detected
+        if vision_tower is None or mm_projector is None:
+            raise ConversionError(
+                f"{src}: a plain LLaMA checkpoint; convert it with --format parts, "
+                "--vision-tower CLIP_DIR and --mm-projector mm_projector.bin"
+            )
+        return "parts"
+    if {fmt, detected} not in ({"llava", "geochat"}, {fmt}) and not (fmt == "parts" and detected == "llama"):
+        raise ConversionError(f"{src}: --format {fmt} given, but the checkpoint looks like {detected}")
+    return fmt
+
+
+def _collect_projector(out: Source, config: dict, vision_tower, mm_projector) -> dict:
+    """`--format parts`: reads the separate mm_projector into `out`; -> `config` with the projector's `mm_*`
+    settings (its config.json, else the defaults for the projector found)."""
+    if vision_tower is None or mm_projector is None:
+        raise ConversionError("--format parts needs --vision-tower CLIP_DIR and --mm-projector FILE")
+    proj = pathlib.Path(mm_projector)
+    proj_file = proj / "mm_projector.bin" if proj.is_dir() else proj
+    mm_cfg = (
+        hfconfig.read_json(proj / "config.json") if proj.is_dir() and (proj / "config.json").is_file() else {}
+    )
+    _collect(WeightSet(proj_file), "projector", out)
+    kind = "mlp2x_gelu" if PROJECTOR + "linear_2.weight" in out.refs else "linear"
+    config = {**config, **{k: v for k, v in mm_cfg.items() if k.startswith("mm_")}}
+    config.setdefault("mm_projector_type", kind)
+    config.setdefault("mm_vision_select_layer", -2)
+    return config

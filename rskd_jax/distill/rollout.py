@@ -18,6 +18,7 @@ top-k / top-p.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import flax
@@ -131,116 +132,27 @@ def sample(
     """
     if teacher is None and cfg.alpha > 0:
         raise ValueError("teacher-mixed sampling (alpha > 0) needs a teacher model")
-    batch, plen = prompt_ids.shape
-    steps = cfg.max_new_tokens
-    total = plen + steps
-    use_teacher = teacher is not None
-    proc = lambda lg: process_logits(lg, cfg.temperature, cfg.top_k, cfg.top_p)
-
-    keep = use_teacher and keep_teacher is not None
-    s_logits, s_out = _next_logits(
+    keep = teacher is not None and keep_teacher is not None
+    init, t_out = _prefill(
         student,
+        teacher,
         prompt_ids,
         prompt_mask,
-        student.init_cache(batch, total),
+        rng,
+        cfg.max_new_tokens,
+        pad_id,
         pixel_values,
-        student_vision_features,
+        (student_vision_features, teacher_vision_features),
+        tuple(keep_teacher) if keep else None,
     )
-    s_cache, t_out = s_out.cache, None
-    if use_teacher:
-        t_logits, t_out = _next_logits(
-            teacher,
-            prompt_ids,
-            prompt_mask,
-            teacher.init_cache(batch, total),
-            pixel_values,
-            teacher_vision_features,
-            return_hidden=tuple(keep_teacher) if keep else (),
-        )
-        t_cache = t_out.cache
-    else:
-        t_logits, t_cache = jnp.zeros_like(s_logits), None
-
-    zeros_f = jnp.zeros((batch, steps), jnp.float32)
-    init = dict(
-        t=jnp.int32(0),
-        done=jnp.zeros((batch,), bool),
-        rng=rng,
-        s_logits=s_logits,
-        t_logits=t_logits,
-        s_cache=s_cache,
-        t_cache=t_cache,
-        tokens=jnp.full((batch, steps), pad_id, jnp.int32),
-        mask=zeros_f,
-        s_lp=zeros_f,
-        t_lp=zeros_f,
-        w=zeros_f,
-    )
-    if (
-        keep
-    ):  # slot j + 1: the teacher's hidden state after feeding response token j (it predicts token j + 1)
-        hid = t_out.last_hidden
-        init["t_hid"] = jnp.zeros((batch, steps + 1, hid.shape[-1]), hid.dtype).at[:, 0].set(hid[:, -1])
+    steps = cfg.max_new_tokens
 
     def cond(c):
         return (c["t"] < steps) & ~jnp.all(c["done"])
 
-    def body(c):
-        rng, key = jax.random.split(c["rng"])
-        log_q = jax.nn.log_softmax(proc(c["s_logits"]), axis=-1)
-        if use_teacher:
-            log_p = jax.nn.log_softmax(proc(c["t_logits"]), axis=-1)
-            if cfg.alpha > 0:
-                log_mix = (
-                    jnp.logaddexp(jnp.log(cfg.alpha) + log_p, jnp.log1p(-cfg.alpha) + log_q)
-                    if cfg.alpha < 1
-                    else log_p
-                )
-            else:
-                log_mix = log_q
-        else:
-            log_p, log_mix = jnp.zeros_like(log_q), log_q
-        if cfg.greedy and cfg.alpha == 0:  # argmax of the logits themselves, as HF greedy search does
-            tok = jnp.argmax(c["s_logits"], -1)
-        elif cfg.greedy:
-            tok = jnp.argmax(log_mix, -1)
-        else:
-            tok = jax.random.categorical(key, log_mix, axis=-1)
-        tok = tok.astype(jnp.int32)
-        valid = ~c["done"]
-        pick = lambda lp: jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
-        lq, lp_, lm = pick(log_q), pick(log_p), pick(log_mix)
-        t = c["t"]
-        upd = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], t, axis=1)
-        vf = valid.astype(jnp.float32)
-        tokens = upd(c["tokens"], jnp.where(valid, tok, pad_id))
-        if on_token is not None:
-            io_callback(on_token, None, t, jnp.where(valid, tok, pad_id), ordered=True)
-        # where, not multiply: a finished row's (unused) draw may have log q = -inf (outside the student's
-        # top-k / top-p set when alpha > 0), and -inf * 0 is NaN in IEEE arithmetic (XLA currently rewrites
-        # x * convert(pred) into a select, which hides it; that is an optimisation, not a guarantee).
-        out = dict(
-            c,
-            t=t + 1,
-            rng=rng,
-            tokens=tokens,
-            mask=upd(c["mask"], vf),
-            s_lp=upd(c["s_lp"], jnp.where(valid, lq, 0.0)),
-            t_lp=upd(c["t_lp"], jnp.where(valid, lp_, 0.0)),
-            w=upd(c["w"], jnp.where(valid, jnp.exp(lq - lm), 0.0)),
-            done=c["done"] | (valid & (tok == eos_id)),
-        )
-        feed = jnp.where(valid, tok, pad_id)[:, None]
-        feed_mask = valid.astype(jnp.int32)[:, None]
-        out["s_logits"], s_step = _next_logits(student, feed, feed_mask, c["s_cache"])
-        out["s_cache"] = s_step.cache
-        if use_teacher:
-            out["t_logits"], t_step = _next_logits(teacher, feed, feed_mask, c["t_cache"])
-            out["t_cache"] = t_step.cache
-            if keep:
-                out["t_hid"] = jax.lax.dynamic_update_slice_in_dim(c["t_hid"], t_step.last_hidden, t + 1, 1)
-        return out
-
+    body = functools.partial(
+        _decode_step, student, teacher, cfg, eos_id=eos_id, pad_id=pad_id, keep=keep, on_token=on_token
+    )
     c = jax.lax.while_loop(cond, body, init)
     states = None
     if keep:
@@ -260,3 +172,115 @@ def sample(
         lengths=c["mask"].sum(-1).astype(jnp.int32),
         teacher_states=states,
     )
+
+
+def _prefill(student, teacher, prompt_ids, prompt_mask, rng, steps, pad_id, pixel_values, vision, keep):
+    """Both models over the prompt: the decode loop's initial carry and the teacher's prefill output (None
+    without a teacher). vision: (student, teacher) precomputed vision features; keep: the teacher's hidden-state
+    indices to record (None: record nothing)."""
+    batch, plen = prompt_ids.shape
+    total = plen + steps
+    s_logits, s_out = _next_logits(
+        student, prompt_ids, prompt_mask, student.init_cache(batch, total), pixel_values, vision[0]
+    )
+    t_out = None
+    if teacher is not None:
+        t_logits, t_out = _next_logits(
+            teacher,
+            prompt_ids,
+            prompt_mask,
+            teacher.init_cache(batch, total),
+            pixel_values,
+            vision[1],
+            return_hidden=keep if keep is not None else (),
+        )
+        t_cache = t_out.cache
+    else:
+        t_logits, t_cache = jnp.zeros_like(s_logits), None
+    zeros_f = jnp.zeros((batch, steps), jnp.float32)
+    init = dict(
+        t=jnp.int32(0),
+        done=jnp.zeros((batch,), bool),
+        rng=rng,
+        s_logits=s_logits,
+        t_logits=t_logits,
+        s_cache=s_out.cache,
+        t_cache=t_cache,
+        tokens=jnp.full((batch, steps), pad_id, jnp.int32),
+        mask=zeros_f,
+        s_lp=zeros_f,
+        t_lp=zeros_f,
+        w=zeros_f,
+    )
+    if (
+        keep is not None
+    ):  # slot j + 1: the teacher's hidden state after feeding response token j (predicts j + 1)
+        hid = t_out.last_hidden
+        init["t_hid"] = jnp.zeros((batch, steps + 1, hid.shape[-1]), hid.dtype).at[:, 0].set(hid[:, -1])
+    return init, t_out
+
+
+def _mixture(cfg: SamplingConfig, s_logits, t_logits, use_teacher: bool):
+    """(log q, log p, log of the mixture alpha p + (1 - alpha) q) of the processed distributions [B, V]."""
+    proc = lambda lg: process_logits(lg, cfg.temperature, cfg.top_k, cfg.top_p)
+    log_q = jax.nn.log_softmax(proc(s_logits), axis=-1)
+    if not use_teacher:
+        return log_q, jnp.zeros_like(log_q), log_q
+    log_p = jax.nn.log_softmax(proc(t_logits), axis=-1)
+    if cfg.alpha <= 0:
+        return log_q, log_p, log_q
+    if cfg.alpha >= 1:
+        return log_q, log_p, log_p
+    return log_q, log_p, jnp.logaddexp(jnp.log(cfg.alpha) + log_p, jnp.log1p(-cfg.alpha) + log_q)
+
+
+def _choose(cfg: SamplingConfig, key, s_logits, log_mix):
+    """The next token [B] (int32): sampled from the mixture, or its argmax with `cfg.greedy`."""
+    if cfg.greedy and cfg.alpha == 0:  # argmax of the logits themselves, as HF greedy search does
+        tok = jnp.argmax(s_logits, -1)
+    elif cfg.greedy:
+        tok = jnp.argmax(log_mix, -1)
+    else:
+        tok = jax.random.categorical(key, log_mix, axis=-1)
+    return tok.astype(jnp.int32)
+
+
+def _decode_step(student, teacher, cfg: SamplingConfig, c, *, eos_id, pad_id, keep, on_token):
+    """One token of the decode loop: choose it, record its log-probabilities, feed it to both models."""
+    rng, key = jax.random.split(c["rng"])
+    log_q, log_p, log_mix = _mixture(cfg, c["s_logits"], c["t_logits"], teacher is not None)
+    tok = _choose(cfg, key, c["s_logits"], log_mix)
+    valid = ~c["done"]
+    pick = lambda lp: jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+    lq, lp_, lm = pick(log_q), pick(log_p), pick(log_mix)
+    t = c["t"]
+    upd = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], t, axis=1)
+    vf = valid.astype(jnp.float32)
+    tokens = upd(c["tokens"], jnp.where(valid, tok, pad_id))
+    if on_token is not None:
+        io_callback(on_token, None, t, jnp.where(valid, tok, pad_id), ordered=True)
+    # where, not multiply: a finished row's (unused) draw may have log q = -inf (outside the student's
+    # top-k / top-p set when alpha > 0), and -inf * 0 is NaN in IEEE arithmetic (XLA currently rewrites
+    # x * convert(pred) into a select, which hides it; that is an optimisation, not a guarantee).
+    out = dict(
+        c,
+        t=t + 1,
+        rng=rng,
+        tokens=tokens,
+        mask=upd(c["mask"], vf),
+        s_lp=upd(c["s_lp"], jnp.where(valid, lq, 0.0)),
+        t_lp=upd(c["t_lp"], jnp.where(valid, lp_, 0.0)),
+        w=upd(c["w"], jnp.where(valid, jnp.exp(lq - lm), 0.0)),
+        done=c["done"] | (valid & (tok == eos_id)),
+    )
+    feed = jnp.where(valid, tok, pad_id)[:, None]
+    feed_mask = valid.astype(jnp.int32)[:, None]
+    out["s_logits"], s_step = _next_logits(student, feed, feed_mask, c["s_cache"])
+    out["s_cache"] = s_step.cache
+    if teacher is not None:
+        out["t_logits"], t_step = _next_logits(teacher, feed, feed_mask, c["t_cache"])
+        out["t_cache"] = t_step.cache
+        if keep:
+            out["t_hid"] = jax.lax.dynamic_update_slice_in_dim(c["t_hid"], t_step.last_hidden, t + 1, 1)
+    return out
+

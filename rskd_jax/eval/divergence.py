@@ -90,6 +90,51 @@ def divergence_to_teacher(
     eos = int(cfg_s.eos_token_id if eos_id is None else eos_id)
     pad = int(cfg_s.pad_token_id if pad_id is None else pad_id)
     scfg = SamplingConfig(max_new_tokens=int(max_new_tokens), alpha=0.0, temperature=1.0, top_k=0, top_p=1.0)
+    sampled, ground_truth = _batch_fns(scfg, eos, pad, answer_len)
+    acc = dict(rkl=0.0, n=0.0, ended=0.0, rows=0.0, fkl_gt=0.0, rkl_gt=0.0, n_gt=0.0, targets=0.0)
+    samples = []
+    key = jax.random.key(seed)
+    for b, item in enumerate(batches):
+        batch = item[0] if isinstance(item, tuple) else item  # data.eval_batches yields (batch, records)
+        rows = np.asarray(batch["prompt_ids"]).shape[0]
+        w = np.asarray(batch["example_id"]) >= 0 if "example_id" in batch else np.ones(rows, bool)
+        w = w.astype(np.float32)
+        px = batch.get("pixel_values")
+        px = None if px is None else jnp.asarray(px, jnp.float32)
+        out = sampled(
+            student,
+            teacher,
+            jnp.asarray(batch["prompt_ids"], jnp.int32),
+            jnp.asarray(batch["prompt_mask"], jnp.int32),
+            px,
+            jax.random.fold_in(key, b),
+            jnp.asarray(w),
+        )
+        for k, v in zip(("rkl", "n", "ended"), out[:3]):
+            acc[k] += float(v)
+        acc["rows"] += float(w.sum())
+        if return_samples:
+            samples.append((np.asarray(out[3]), np.asarray(out[4])))
+        if "input_ids" in batch and "loss_mask" in batch:
+            g = ground_truth(
+                student,
+                teacher,
+                jnp.asarray(batch["input_ids"], jnp.int32),
+                jnp.asarray(batch["attention_mask"], jnp.int32),
+                jnp.asarray(batch["loss_mask"], jnp.int32),
+                px,
+                jnp.asarray(w),
+            )
+            for k, v in zip(("fkl_gt", "rkl_gt", "n_gt", "targets"), g):
+                acc[k] += float(v)
+    res = _summary(acc, max_new_tokens)
+    if return_samples:
+        res["samples"] = samples
+    return res
+
+
+def _batch_fns(scfg: SamplingConfig, eos: int, pad: int, answer_len: int | None):
+    """The two jitted per-batch sums: (sampled term, ground-truth terms), rows weighted by `w` [B]."""
 
     @nnx.jit
     def sampled(s, t, ids, mask, px, rng, w):
@@ -109,45 +154,11 @@ def divergence_to_teacher(
             jnp.sum(n_target * w),
         )
 
-    acc = dict(rkl=0.0, n=0.0, ended=0.0, rows=0.0, fkl_gt=0.0, rkl_gt=0.0, n_gt=0.0, targets=0.0)
-    samples = []
-    key = jax.random.key(seed)
-    for b, item in enumerate(batches):
-        batch = item[0] if isinstance(item, tuple) else item
-        rows = np.asarray(batch["prompt_ids"]).shape[0]
-        w = np.asarray(batch["example_id"]) >= 0 if "example_id" in batch else np.ones(rows, bool)
-        w = w.astype(np.float32)
-        px = batch.get("pixel_values")
-        px = None if px is None else jnp.asarray(px, jnp.float32)
-        out = sampled(
-            student,
-            teacher,
-            jnp.asarray(batch["prompt_ids"], jnp.int32),
-            jnp.asarray(batch["prompt_mask"], jnp.int32),
-            px,
-            jax.random.fold_in(key, b),
-            jnp.asarray(w),
-        )
-        acc["rkl"] += float(out[0])
-        acc["n"] += float(out[1])
-        acc["ended"] += float(out[2])
-        acc["rows"] += float(w.sum())
-        if return_samples:
-            samples.append((np.asarray(out[3]), np.asarray(out[4])))
-        if "input_ids" in batch and "loss_mask" in batch:
-            g = ground_truth(
-                student,
-                teacher,
-                jnp.asarray(batch["input_ids"], jnp.int32),
-                jnp.asarray(batch["attention_mask"], jnp.int32),
-                jnp.asarray(batch["loss_mask"], jnp.int32),
-                px,
-                jnp.asarray(w),
-            )
-            acc["fkl_gt"] += float(g[0])
-            acc["rkl_gt"] += float(g[1])
-            acc["n_gt"] += float(g[2])
-            acc["targets"] += float(g[3])
+    return sampled, ground_truth
+
+
+def _summary(acc: dict, max_new_tokens: int) -> dict:
+    """Token-weighted means of the accumulated sums (the ground-truth terms only when there were targets)."""
     if not acc["rows"]:
         raise ValueError("divergence_to_teacher: no batches (or only padding rows)")
     res = dict(
@@ -165,6 +176,4 @@ def divergence_to_teacher(
             n_gt_tokens=int(acc["n_gt"]),
             gt_tokens_dropped=int(acc["targets"] - acc["n_gt"]),
         )
-    if return_samples:
-        res["samples"] = samples
     return res

@@ -1,7 +1,7 @@
 """Task evaluation over datasets: generate answers with a model, score them per task, write reports.
 
-`evaluate(model, tokenizer, {name: source}, ...)` runs greedy generation (`generate.Generator`) over every
-record whose task is asked for, then dispatches per record `task`:
+`evaluate(model, tokenizer, {name: source}, Generation(...), Scoring(...))` runs greedy generation
+(`generate.Generator`) over every record whose task is asked for, then dispatches per record `task`:
 
     scene                 -> metrics.scene_scores (classes of the source) + confusion-matrix PNG
     vqa                   -> metrics.vqa_scores (per type, mOA pooled and mean of types)
@@ -10,8 +10,8 @@ record whose task is asked for, then dispatches per record `task`:
     caption               -> metrics.caption_scores (image captions, e.g. UCM-captions)
 
 A source holding several of these (rs-synth) is split: its results are keyed `"{name}/{group}"`; a source
-with one group keeps its own name. `limit` picks that many records spread evenly over the eligible ones (so a
-class-sorted folder source keeps every class), deterministically. `run_eval(config)` is the whole
+with one group keeps its own name. `Generation.limit` picks that many records spread evenly over the eligible
+ones (so a class-sorted folder source keeps every class), deterministically. `run_eval(config)` is the whole
 `launch/eval.py` (model + tokenizer + datasets from a configs/eval.py config, reports into `out_dir`).
 """
 
@@ -246,110 +246,139 @@ def score(
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `evaluate` generates and how: the records (`tasks`, at most `limit` per source, spread evenly, see
+    `select`), the batch, the answer length and the model input.
+
+    image_size: model input size (default: the model's `cfg.vision.image_size`). max_prompt_len: prompt width;
+    max_len: width of the training-style `input_ids` the transform also builds; unset, both are sized from the
+    records' own text (`rskd_jax.eval.lengths`). generator: batch -> texts, replacing greedy generation with
+    the model (tests, or a sharded generator; then the model may be None if image_size and image_seq_length
+    are given).
+    """
+
+    tasks: Sequence[str] = ALL_TASKS
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    image_size: int | None = None
+    image_seq_length: int | None = None
+    max_len: int | None = None
+    max_prompt_len: int | None = None
+    template: str = "llava_v1"
+    pad_to_square: bool = True
+    skip_bad_records: bool = False
+    generator: Callable[[dict], list[str]] | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """How `evaluate` scores and reports. out_dir: writes `{out_dir}/metrics.{json,md}` (model row
+    `model_name`), `predictions/{key}.jsonl` (id, task, prediction, reference) and the PNGs (at most `num_plot`
+    examples each). `meteor=False` skips METEOR (it needs Java and takes seconds to start); `strict` and
+    `rotated` as in `score`."""
+
+    out_dir: str | pathlib.Path | None = None
+    model_name: str = "model"
+    meteor: bool = True
+    strict: bool = False
+    rotated: bool = True
+    num_plot: int = 8
+
+
 def evaluate(
     model,
     tokenizer_dir,
     sources: Mapping[str, Any],
-    *,
-    tasks: Sequence[str] = ALL_TASKS,
-    image_size: int | None = None,
-    max_len: int | None = None,
-    max_prompt_len: int | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
-    limit: int | None = None,
-    out_dir=None,
-    progress: bool = True,
-    meteor: bool = True,
-    strict: bool = False,
-    rotated: bool = True,
-    model_name: str = "model",
-    template: str = "llava_v1",
-    pad_to_square: bool = True,
-    num_plot: int = 8,
-    generator: Callable[[dict], list[str]] | None = None,
-    image_seq_length: int | None = None,
-    skip_bad_records: bool = False,
+    generation: Generation = Generation(),
+    scoring: Scoring = Scoring(),
 ) -> dict[str, dict]:
-    """Generate and score every selected record of every source -> {dataset key: metrics}.
-
-    tokenizer_dir: tokenizer directory or loaded tokenizer. image_size: model input size (default: the model's
-    `cfg.vision.image_size`). max_prompt_len: prompt width; max_len: width of the training-style `input_ids` the
-    transform also builds; unset, both are sized from the records' own text (`rskd_jax.eval.lengths`).
-    limit: at most this many records per source (spread evenly, see `select`). out_dir: writes
-    `{out_dir}/metrics.{json,md}` (model row `model_name`), `predictions/{key}.jsonl` (id, task, prediction,
-    reference) and the PNGs. generator: batch -> texts, replacing greedy generation with `model` (tests, or a
-    sharded generator; then `model` may be None if image_size and image_seq_length are given).
-    `meteor=False` skips METEOR (it needs Java and takes seconds to start).
-    """
-
+    """Generate (`generation`) and score (`scoring`) every selected record of every source -> {dataset key:
+    metrics}. tokenizer_dir: tokenizer directory or loaded tokenizer."""
+    g = generation
     tok = load_tokenizer_any(tokenizer_dir)
-    cfg = model.cfg if model is not None else None
-    if cfg is None and (generator is None or not image_size or not image_seq_length):
-        raise ValueError("evaluate: model=None needs a generator, image_size and image_seq_length")
-    image_size = image_size or cfg.vision.image_size
-    image_seq_length = image_seq_length or cfg.image_seq_length
-    max_prompt_len, max_len = choose_lengths(
-        tok,
-        [Subset(s, select(s, tasks, limit)) for s in sources.values()],
-        image_seq_length=image_seq_length,
-        template=template,
-        max_new_tokens=max_new_tokens,
-        max_prompt_len=max_prompt_len,
-        max_len=max_len,
-    )
-    transform = ExampleTransform(
-        tok,
-        image_size=image_size,
-        image_seq_length=image_seq_length,
-        max_len=max_len,
-        max_prompt_len=max_prompt_len,
-        template=template,
-        pad_to_square=pad_to_square,
-    )
-    gen = generator or Generator(model, tok, max_new_tokens, batch_size)
-    out_dir = None if out_dir is None else pathlib.Path(out_dir)
+    transform = _transform(model, tok, sources, g)
+    gen = g.generator or Generator(model, tok, g.max_new_tokens, g.batch_size)
+    out_dir = None if scoring.out_dir is None else pathlib.Path(scoring.out_dir)
     results: dict[str, dict] = {}
     for name, source in sources.items():
-        idx = select(source, tasks, limit)
+        idx = select(source, g.tasks, g.limit)
         if not idx:
-            log.warning("%s: no records for tasks %s; skipped", name, list(tasks))
+            log.warning("%s: no records for tasks %s; skipped", name, list(g.tasks))
             continue
         sub = Subset(source, idx)
         preds, records = [], []
         t0 = time.perf_counter()
-        with tqdm(total=len(sub), desc=f"eval {name}", unit="ex", disable=not progress) as bar:
-            for batch, recs in eval_batches(sub, transform, batch_size, skip_bad_records=skip_bad_records):
+        with tqdm(total=len(sub), desc=f"eval {name}", unit="ex", disable=not g.progress) as bar:
+            for batch, recs in eval_batches(
+                sub, transform, g.batch_size, skip_bad_records=g.skip_bad_records
+            ):
                 texts = gen(batch)
                 preds += list(texts[: len(recs)])
                 records += recs
                 bar.update(len(recs))
         seconds = time.perf_counter() - t0
-        by_group: dict[str, list[int]] = {}
-        for k, r in enumerate(records):
-            by_group.setdefault(TASK_GROUP[r["task"]], []).append(k)
-        for group, ks in by_group.items():
-            key = name if len(by_group) == 1 else f"{name}/{group}"
-            p, rs = [preds[k] for k in ks], [records[k] for k in ks]
-            m = score(
-                group,
-                p,
-                rs,
-                source,
-                meteor=meteor,
-                strict=strict,
-                rotated=rotated,
-                figure_dir=out_dir,
-                key=key,
-                num_plot=num_plot,
-            )
-            m.update(dataset=name, generation_seconds=seconds * len(ks) / len(records))
-            results[key] = m
-            if out_dir is not None:
-                _write_predictions(out_dir / "predictions" / f"{_file_stem(key)}.jsonl", p, rs)
+        results.update(_score_source(name, source, preds, records, seconds, scoring, out_dir))
         log.info("%s: %d examples in %.1f s", name, len(records), seconds)
     if out_dir is not None:
-        write_report({model_name: results}, out_dir, title=f"Evaluation: {model_name}")
+        write_report({scoring.model_name: results}, out_dir, title=f"Evaluation: {scoring.model_name}")
+    return results
+
+
+def _transform(model, tok, sources: Mapping[str, Any], g: Generation) -> ExampleTransform:
+    """The records -> model inputs transform, its widths sized from the selected records unless given."""
+    cfg = model.cfg if model is not None else None
+    if cfg is None and (g.generator is None or not g.image_size or not g.image_seq_length):
+        raise ValueError("evaluate: model=None needs a generator, image_size and image_seq_length")
+    image_size = g.image_size or cfg.vision.image_size
+    image_seq_length = g.image_seq_length or cfg.image_seq_length
+    max_prompt_len, max_len = choose_lengths(
+        tok,
+        [Subset(s, select(s, g.tasks, g.limit)) for s in sources.values()],
+        image_seq_length=image_seq_length,
+        template=g.template,
+        max_new_tokens=g.max_new_tokens,
+        max_prompt_len=g.max_prompt_len,
+        max_len=g.max_len,
+    )
+    return ExampleTransform(
+        tok,
+        image_size=image_size,
+        image_seq_length=image_seq_length,
+        max_len=max_len,
+        max_prompt_len=max_prompt_len,
+        template=g.template,
+        pad_to_square=g.pad_to_square,
+    )
+
+
+def _score_source(name, source, preds, records, seconds, scoring: Scoring, out_dir) -> dict[str, dict]:
+    """{key: metrics} of one source's predictions, one entry per task group (`name/group` when several)."""
+    by_group: dict[str, list[int]] = {}
+    for k, r in enumerate(records):
+        by_group.setdefault(TASK_GROUP[r["task"]], []).append(k)
+    results = {}
+    for group, ks in by_group.items():
+        key = name if len(by_group) == 1 else f"{name}/{group}"
+        p, rs = [preds[k] for k in ks], [records[k] for k in ks]
+        m = score(
+            group,
+            p,
+            rs,
+            source,
+            meteor=scoring.meteor,
+            strict=scoring.strict,
+            rotated=scoring.rotated,
+            figure_dir=out_dir,
+            key=key,
+            num_plot=scoring.num_plot,
+        )
+        m.update(dataset=name, generation_seconds=seconds * len(ks) / len(records))
+        results[key] = m
+        if out_dir is not None:
+            _write_predictions(out_dir / "predictions" / f"{_file_stem(key)}.jsonl", p, rs)
     return results
 
 
@@ -605,24 +634,18 @@ def run_eval(c) -> dict:
         model = random_model(smoke_config(c.model, tok, c.image_size, **overrides), c.seed)
         log.warning("no checkpoint: evaluating a RANDOMLY initialised %r model (smoke run)", c.model)
     name = c.model_name or pathlib.Path(c.checkpoint or c.model).name
-    results = evaluate(
-        model,
-        tok,
-        sources,
+    generation = Generation(
         tasks=tuple(c.tasks),
+        limit=c.limit or None,
+        batch_size=c.batch_size,
+        max_new_tokens=c.max_new_tokens,
         image_size=c.image_size or None,
         max_len=c.max_len or None,
         max_prompt_len=c.max_prompt_len or None,
-        batch_size=c.batch_size,
-        max_new_tokens=c.max_new_tokens,
-        limit=c.limit or None,
-        out_dir=out_dir,
         progress=c.progress,
-        meteor=c.meteor,
-        strict=c.strict,
-        rotated=c.rotated,
-        model_name=name,
     )
+    scoring = Scoring(out_dir=out_dir, model_name=name, meteor=c.meteor, strict=c.strict, rotated=c.rotated)
+    results = evaluate(model, tok, sources, generation, scoring)
     print(report.markdown_report({name: results}))
     print(f"metrics, predictions and figures in {out_dir}")
     return results

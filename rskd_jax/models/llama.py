@@ -187,26 +187,8 @@ class LlamaModel(nnx.Module):
         n = cfg.num_layers
         b, t, _ = inputs_embeds.shape
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        offset = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_pos
         custom = attn_mask is not None
-        if custom and positions is None:
-            raise ValueError("attn_mask needs explicit positions")
-        if positions is None:
-            positions = offset[:, None] + jnp.maximum(jnp.cumsum(mask, 1, dtype=jnp.int32) - 1, 0)
-        if cache is not None:
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-        if custom:
-            keys = t if cache is None else cache.max_len
-            if attn_mask.shape != (b, t, keys):
-                raise ValueError(f"attn_mask shape {attn_mask.shape}; expected {(b, t, keys)}")
-            attn_mask = attn_mask.astype(bool)
-        elif cache is None:
-            key_valid = mask
-            attn_mask = key_valid[:, None, :] & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]
-        else:
-            q_slot = cache.index + jnp.arange(t)
-            causal = jnp.arange(key_valid.shape[1])[None, :] <= q_slot[:, None]
-            attn_mask = key_valid[:, None, :] & causal[None]
+        positions, attn_mask, key_valid = _positions_and_mask(mask, positions, cache, attn_mask)
 
         wanted = sorted({_norm_index(i, n) for i in return_hidden})
         mid = [i for i in wanted if 0 < i < n]
@@ -256,6 +238,33 @@ def cache_shardings(cache: KVCache, mesh) -> KVCache:
         index=NamedSharding(mesh, PartitionSpec()),
         next_pos=named(cache.next_pos, ("batch",)),
     )
+
+
+def _positions_and_mask(mask, positions, cache: KVCache | None, attn_mask):
+    """(positions [B, T], attention mask [B, T, keys], the cache's key validity after this call (None
+    without a cache)) of `LlamaModel.__call__`: key padding & causal unless `attn_mask` is given."""
+    b, t = mask.shape
+    offset = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_pos
+    custom = attn_mask is not None
+    if custom and positions is None:
+        raise ValueError("attn_mask needs explicit positions")
+    if positions is None:
+        positions = offset[:, None] + jnp.maximum(jnp.cumsum(mask, 1, dtype=jnp.int32) - 1, 0)
+    key_valid = None
+    if cache is not None:
+        key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+    if custom:
+        keys = t if cache is None else cache.max_len
+        if attn_mask.shape != (b, t, keys):
+            raise ValueError(f"attn_mask shape {attn_mask.shape}; expected {(b, t, keys)}")
+        attn_mask = attn_mask.astype(bool)
+    elif cache is None:
+        attn_mask = mask[:, None, :] & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]
+    else:
+        q_slot = cache.index + jnp.arange(t)
+        causal = jnp.arange(key_valid.shape[1])[None, :] <= q_slot[:, None]
+        attn_mask = key_valid[:, None, :] & causal[None]
+    return positions, attn_mask, key_valid
 
 
 def _norm_index(i: int, n: int) -> int:

@@ -215,9 +215,8 @@ def train_method(ctx, name: str, k: int, student0, teacher, kl_batches, answers=
         spec, t = run_lib.sft_setup(cfg, student), None
     if kind == "seqkd":
         rctx = dataclasses.replace(rctx, train_source=TeacherAnswers(ctx.train_source, answers))
-    common = run_lib._fit_common(rctx)
-    common["ckpt_every"] = max(int(cfg.total_steps), 1)
-    return loop.fit(
+    job = loop.Job(
+        name=f"{name}/seed{k}",
         workdir=wd,
         model=student,
         teacher=t,
@@ -228,11 +227,11 @@ def train_method(ctx, name: str, k: int, student0, teacher, kl_batches, answers=
         dataset=run_lib.dataset_for(rctx, student.cfg, data_seed(ctx.config, k)),
         seed=cfg.seed,
         maps=maps,
-        name=f"{name}/seed{k}",
         eval_fn=kl_probe(ctx, teacher, kl_batches, wd / "kl_curve.jsonl"),
         eval_every=int(ctx.config.compare.kl_every),
-        **common,
     )
+    opts = dataclasses.replace(run_lib.fit_options(rctx), ckpt_every=max(int(cfg.total_steps), 1))
+    return loop.fit(job, opts)
 
 
 def run_one(ctx, name: str, k: int, student0, teacher, kl_batches, start_kl: dict, answers=None) -> dict:

@@ -38,20 +38,16 @@ def loss_curves(metrics_jsonl: pathlib.Path, out_png: pathlib.Path) -> dict:
 def evaluate_split(ctx, model, *, name: str = "model", out_dir=None, limit=None) -> dict:
     """Task metrics of `model` on the run's evaluation split (rs-synth), as configured in `config.eval`."""
     c = ctx.config
-    return runner.evaluate(
-        model,
-        ctx.tokenizer_dir,
-        {"rs-synth": ctx.eval_source},
+    generation = runner.Generation(
         tasks=tuple(c.eval.tasks),
+        limit=limit if limit is not None else (c.eval.limit or None),
         batch_size=c.eval.batch_size,
         max_new_tokens=c.eval.max_new_tokens,
-        limit=limit if limit is not None else (c.eval.limit or None),
-        out_dir=out_dir,
-        meteor=False,
-        model_name=name,
         max_prompt_len=c.data.prompt_len,
         progress=False,
     )
+    scoring = runner.Scoring(out_dir=out_dir, model_name=name, meteor=False)
+    return runner.evaluate(model, ctx.tokenizer_dir, {"rs-synth": ctx.eval_source}, generation, scoring)
 
 
 def divergences(ctx, students: dict, teacher) -> dict:

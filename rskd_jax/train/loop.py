@@ -1,6 +1,6 @@
 """The training loop shared by every stage (teacher SFT, student SFT, distillation).
 
-One `fit(...)` call: shard the models onto the mesh, build the jitted step (rskd_jax.distill.step), resume from the
+One `fit(job, options)` call: shard the models onto the mesh, build the jitted step (rskd_jax.distill.step), resume from the
 newest valid checkpoint in `workdir/checkpoints` (train state + Grain iterator state; a corrupt newest checkpoint
 falls back to the previous one), run to `total_steps` with a progress line, metrics to JSONL/TensorBoard, periodic
 checkpoints, SIGTERM/preemption -> save at the next step boundary and stop, and non-finite steps skipped (the run
@@ -18,6 +18,7 @@ import pathlib
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -83,99 +84,72 @@ def build_step(model, teacher, spec, optim_cfg, trainable: str, mesh, *, maps=No
     return Step(step_fn, parts, state)
 
 
-def fit(
-    *,
-    workdir,
-    model,
-    teacher,
-    spec: S.StepSpec,
-    optim_cfg,
-    trainable: str,
-    total_steps: int,
-    dataset,
-    mesh,
-    seed: int = 0,
-    maps: dict | None = None,
-    log_every: int = 10,
-    ckpt_every: int = 100,
-    keep: int = 2,
-    max_nonfinite_in_a_row: int = 5,
-    num_workers: int = 0,
-    config=None,
-    eval_fn: Callable | None = None,
-    eval_every: int = 0,
-    name: str = "train",
-    debug=None,
-    log_all_metrics: bool = False,
-) -> FitResult:
-    """Trains `model` (+ `maps`) against `teacher` (None for SFT) to `total_steps`; see the module docstring.
+@dataclasses.dataclass
+class Job:
+    """What one `fit` call trains: `model` (+ `maps`) against `teacher` (None for SFT) with the step `spec`
+    describes, on `dataset`, to `total_steps`, in `workdir`; `eval_fn(model, step)` every `eval_every` steps."""
+
+    name: str
+    workdir: pathlib.Path | str
+    model: nnx.Module
+    teacher: nnx.Module | None
+    spec: S.StepSpec
+    optim_cfg: Any
+    trainable: str
+    total_steps: int
+    dataset: Any
+    seed: int = 0
+    maps: dict | None = None
+    eval_fn: Callable | None = None
+    eval_every: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How every `fit` of a run trains (`rskd_jax.train.run.fit_options` reads them from a config): the mesh,
+    logging, checkpointing and fault handling.
 
     `debug` (config.debug, tests only): {"kill_stage": name, "kill_at_step": k, "kill_signal": "SIGKILL"|"SIGTERM"}
     makes the process signal itself right after step k, to test preemption and crash recovery.
     `log_all_metrics`: every metric on the console line (default: total loss and the main loss terms).
     """
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    built = build_step(model, teacher, spec, optim_cfg, trainable, mesh, maps=maps, seed=seed)
-    step_fn, parts, state = built.step, built.parts, built.state
-    teacher_fp = fingerprint(parts["teacher"]) if teacher is not None else None
-    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts["params"]))
-    frozen, t_state = parts["frozen"], parts["teacher"]
-    log.info("[%s] %d trainable parameters (%s)", name, n_train, trainable)
-    log_memory(name, state, frozen, t_state)
 
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=keep)
-    data_it = iter(dataset) if num_workers == 0 else None
-    if data_it is None:
-        data_it = make_iterator(dataset, num_workers)
-    abstract = ckpt_lib.restore_target(jax.eval_shape(lambda: state), mesh)
-    restored = ckpt.restore_latest_valid(abstract, data_iter=data_it)
-    start = 0
-    if restored is not None:
-        saved_fp = (restored.meta or {}).get("teacher_fingerprint")
-        if teacher_fp is not None and saved_fp not in (None, teacher_fp):
-            raise ValueError(
-                f"{workdir}: checkpoint step {restored.step} was trained against teacher {saved_fp}, "
-                f"this run's teacher is {teacher_fp}; use a new --workdir or the original teacher"
-            )
-        state, start = restored.state, int(restored.step)
-        log.info("[%s] resumed from step %d (%s)", name, start, ckpt.step_dir(start))
+    mesh: Any
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep: int = 2  # checkpoints kept
+    max_nonfinite_in_a_row: int = 5
+    num_workers: int = 0
+    config: Any = None  # saved with each checkpoint
+    debug: Any = None
+    log_all_metrics: bool = False
+
+
+def fit(job: Job, opts: RunOptions) -> FitResult:
+    """Trains `job` with `opts` to `job.total_steps`; see the module docstring."""
+    name, mesh = job.name, opts.mesh
+    workdir = pathlib.Path(job.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    built = build_step(
+        job.model, job.teacher, job.spec, job.optim_cfg, job.trainable, mesh, maps=job.maps, seed=job.seed
+    )
+    parts = built.parts
+    teacher_fp = fingerprint(parts["teacher"]) if job.teacher is not None else None
+    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts["params"]))
+    log.info("[%s] %d trainable parameters (%s)", name, n_train, job.trainable)
+    log_memory(name, built.state, parts["frozen"], parts["teacher"])
+
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=opts.keep)
+    data_it = iter(job.dataset) if opts.num_workers == 0 else make_iterator(job.dataset, opts.num_workers)
+    state, start = _resume(ckpt, built.state, data_it, mesh, teacher_fp, workdir, name)
     history = _read_history(workdir, upto=start)
     writer = writers.create_default_writer(str(workdir), console=False)
-    prog = progress.Progress(total_steps, every=log_every, start_step=start, prefix=f"[{name}] ")
-    guard = preemption.NonFiniteGuard(max_nonfinite_in_a_row)
     handler = preemption.PreemptionHandler().install()
-    avg = writers.Averages()
     meta = dict(teacher_fingerprint=teacher_fp, stage=name)
-    preempted = False
-    step = start
     try:
-        while step < total_steps:
-            batch = next(data_it)
-            tokens = float(np.asarray(batch["attention_mask"]).sum())
-            with jax.set_mesh(mesh):
-                state, metrics = step_fn(state, frozen, t_state, _to_global(batch, mesh))
-            metrics = jax.device_get(metrics)
-            step += 1
-            ok = guard.update(step, float(metrics["skipped"]) == 0.0)
-            if ok:
-                avg.update({k: float(v) for k, v in metrics.items()})
-            prog.update(step, progress.console_metrics(metrics, log_all_metrics), tokens=tokens)
-            if step % log_every == 0 or step == total_steps:
-                scalars = dict(avg.compute(), skipped_total=guard.skipped)
-                avg.reset()
-                writer.write_scalars(step, scalars)
-                history.append(dict(step=step, **scalars))
-            if eval_fn is not None and eval_every and step % eval_every == 0:
-                writer.write_scalars(step, eval_fn(_merged(parts, state).model, step))
-            _debug_kill(debug, name, step)
-            stop = handler.should_stop(step)
-            if ok and (step % ckpt_every == 0 or step == total_steps or stop):
-                ckpt.save(step, state, data_iter=data_it, config=config, meta=meta, force=stop)
-            if stop:
-                log.warning("[%s] stop requested (%s): saved step %d, exiting", name, handler.reason, step)
-                preempted = True
-                break
+        state, step, preempted = _train(
+            job, opts, built.step, parts, state, start, data_it, (writer, ckpt, handler), history, meta
+        )
     finally:
         writer.close()
         handler.close()
@@ -184,6 +158,60 @@ def fit(
         ckpt.close()  # waits for the last save; raises CheckpointSaveError if it failed
     merged = _merged(parts, state)
     return FitResult(model=merged.model, maps=merged.maps, step=step, preempted=preempted, history=history)
+
+
+def _resume(ckpt, state, data_it, mesh, teacher_fp, workdir, name: str):
+    """(state, step) from the newest valid checkpoint (restoring the data iterator too), else (state, 0);
+    refuses a checkpoint trained against another teacher."""
+    abstract = ckpt_lib.restore_target(jax.eval_shape(lambda: state), mesh)
+    restored = ckpt.restore_latest_valid(abstract, data_iter=data_it)
+    if restored is None:
+        return state, 0
+    saved_fp = (restored.meta or {}).get("teacher_fingerprint")
+    if teacher_fp is not None and saved_fp not in (None, teacher_fp):
+        raise ValueError(
+            f"{workdir}: checkpoint step {restored.step} was trained against teacher {saved_fp}, "
+            f"this run's teacher is {teacher_fp}; use a new --workdir or the original teacher"
+        )
+    log.info("[%s] resumed from step %d (%s)", name, int(restored.step), ckpt.step_dir(int(restored.step)))
+    return restored.state, int(restored.step)
+
+
+def _train(job: Job, opts: RunOptions, step_fn, parts, state, start, data_it, io, history, meta):
+    """The steps from `start` to `job.total_steps` (or a stop request) -> (state, last step, preempted)."""
+    writer, ckpt, handler = io
+    name, mesh, total_steps = job.name, opts.mesh, job.total_steps
+    frozen, t_state = parts["frozen"], parts["teacher"]
+    prog = progress.Progress(total_steps, every=opts.log_every, start_step=start, prefix=f"[{name}] ")
+    guard = preemption.NonFiniteGuard(opts.max_nonfinite_in_a_row)
+    avg = writers.Averages()
+    step = start
+    while step < total_steps:
+        batch = next(data_it)
+        tokens = float(np.asarray(batch["attention_mask"]).sum())
+        with jax.set_mesh(mesh):
+            state, metrics = step_fn(state, frozen, t_state, _to_global(batch, mesh))
+        metrics = jax.device_get(metrics)
+        step += 1
+        ok = guard.update(step, float(metrics["skipped"]) == 0.0)
+        if ok:
+            avg.update({k: float(v) for k, v in metrics.items()})
+        prog.update(step, progress.console_metrics(metrics, opts.log_all_metrics), tokens=tokens)
+        if step % opts.log_every == 0 or step == total_steps:
+            scalars = dict(avg.compute(), skipped_total=guard.skipped)
+            avg.reset()
+            writer.write_scalars(step, scalars)
+            history.append(dict(step=step, **scalars))
+        if job.eval_fn is not None and job.eval_every and step % job.eval_every == 0:
+            writer.write_scalars(step, job.eval_fn(_merged(parts, state).model, step))
+        _debug_kill(opts.debug, name, step)
+        stop = handler.should_stop(step)
+        if ok and (step % opts.ckpt_every == 0 or step == total_steps or stop):
+            ckpt.save(step, state, data_iter=data_it, config=opts.config, meta=meta, force=stop)
+        if stop:
+            log.warning("[%s] stop requested (%s): saved step %d, exiting", name, handler.reason, step)
+            return state, step, True
+    return state, step, False
 
 
 def memory_table(state, frozen, teacher) -> dict[str, tuple[int, int]]:

@@ -178,9 +178,10 @@ def dataset_for(ctx: Context, cfg, seed: int):
 
 
 # ----------------------------------------------------------------------------------------------- stages
-def _fit_common(ctx: Context):
+def fit_options(ctx: Context) -> loop.RunOptions:
+    """How every stage of the run trains (mesh, logging, checkpointing, fault handling), from its config."""
     c = ctx.config
-    return dict(
+    return loop.RunOptions(
         mesh=ctx.mesh,
         log_every=c.log_every,
         ckpt_every=c.ckpt_every,
@@ -203,7 +204,8 @@ def sft_stage(ctx: Context, name: str, mc, seed: int, section: str):
     trainable = mc.get("trainable", "all+vision")
     if trainable == "lora":
         add_lora(ctx.config, model)
-    res = loop.fit(
+    job = loop.Job(
+        name=name,
         workdir=ctx.workdir / name,
         model=model,
         teacher=None,
@@ -213,9 +215,8 @@ def sft_stage(ctx: Context, name: str, mc, seed: int, section: str):
         total_steps=mc.sft_steps,
         dataset=dataset_for(ctx, model.cfg, seed),
         seed=seed,
-        name=name,
-        **_fit_common(ctx),
     )
+    res = loop.fit(job, fit_options(ctx))
     if res.preempted:
         raise SystemExit(0)
     return res.model
@@ -240,7 +241,8 @@ def sft_setup(config, student):
 def distill_stage(ctx: Context, student, teacher):
     c = ctx.config
     spec, maps = distill_setup(c, student, teacher)
-    res = loop.fit(
+    job = loop.Job(
+        name="distill",
         workdir=ctx.workdir / "distill",
         model=student,
         teacher=teacher,
@@ -251,11 +253,10 @@ def distill_stage(ctx: Context, student, teacher):
         dataset=dataset_for(ctx, student.cfg, c.seed + 2),
         seed=c.seed + 2,
         maps=maps,
-        name="distill",
         eval_fn=periodic_eval(ctx),
         eval_every=c.eval_every,
-        **_fit_common(ctx),
     )
+    res = loop.fit(job, fit_options(ctx))
     if res.preempted:
         raise SystemExit(0)
     return res
@@ -266,7 +267,8 @@ def sft_control_stage(ctx: Context, student):
     the distillation's steps, with its data order (dataset seed), lr schedule (`optim`) and trainable subset,
     in `student_sft_more/`. Consumes `student` (pass a copy); the teacher is never built or called here."""
     c = ctx.config
-    res = loop.fit(
+    job = loop.Job(
+        name=SFT_CONTROL,
         workdir=ctx.workdir / SFT_CONTROL,
         model=student,
         teacher=None,
@@ -276,9 +278,8 @@ def sft_control_stage(ctx: Context, student):
         total_steps=c.total_steps,
         dataset=dataset_for(ctx, student.cfg, c.seed + 2),  # the distill stage's seed: the same batches
         seed=c.seed + 2,
-        name=SFT_CONTROL,
-        **_fit_common(ctx),
     )
+    res = loop.fit(job, fit_options(ctx))
     if res.preempted:
         raise SystemExit(0)
     return res.model
