@@ -35,6 +35,7 @@ ALL_METHODS = (
     "whiten",
     "clip10",
     "sft1_pg025",
+    "sft1_nopg",
 )
 
 

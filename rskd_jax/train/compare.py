@@ -112,6 +112,11 @@ METHODS = {
         {"loss.weights.sft": 1.0, "loss.weights.pg": 0.25},
         "full with twice the CE weight and a quarter of the PG weight: tuning check, docs/results.md",
     ),
+    "sft1_nopg": Method(
+        "distill",
+        {"loss.weights.sft": 1.0, "loss.weights.pg": 0.0},
+        "full with twice the CE weight and no PG term: tuning check, docs/results.md",
+    ),
     "whiten": Method(
         "distill",
         {"loss.whiten": True},
