@@ -21,7 +21,9 @@ ALL_METHODS = (
     "word_kd",
     "seqkd",
     "minillm",
+    "minillm_code",
     "full",
+    "no_pg",
     "no_feat_image",
     "no_feat_text",
     "alpha0",
@@ -31,6 +33,9 @@ ALL_METHODS = (
     "skew_rkl",
     "jsd",
     "whiten",
+    "clip10",
+    "sft1_pg025",
+    "sft1_nopg",
 )
 
 

@@ -1,5 +1,6 @@
 """launch/compare.py: the controlled comparison of methods (rskd_jax.train.compare)."""
 
+import dataclasses
 import json
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_distill_step import build, full_spec, make_batch
+from test_distill_step import IMG, build, full_spec, make_batch
 
 from configs import compare as compare_config
 from rskd_jax.data import load_tokenizer
@@ -37,9 +38,69 @@ def test_every_method_changes_what_it_names():
     assert specs["no_single_step"].w("rkl") == 0 and specs["no_single_step"].include_current
     assert not specs["no_length_norm"].length_norm and specs["whiten"].whiten and not full.whiten
     assert {specs[m].divergence for m in ("skew_fkl", "skew_rkl", "jsd")} == {"skew_fkl", "skew_rkl", "jsd"}
+    no_pg = specs["no_pg"]
+    assert (
+        no_pg.w("pg") == 0 and no_pg.needs_rollout and {**no_pg.weights, "pg": full.w("pg")} == full.weights
+    )
+    code = specs["minillm_code"]  # microsoft/LMOps minillm/: A_t = whiten(G_t / n_t), gamma 0.95, clip 0.2
+    assert (code.gamma, code.include_current, code.whiten, code.length_norm) == (0.95, True, True, True)
+    assert (code.clip_eps, code.sampling.alpha, code.divergence) == (0.2, 0.2, "rkl")
+    assert {
+        k: code.w(k) for k in ("rkl", "pg", "sft", "fkl", "feat_image", "feat_text", "feat_proj")
+    } == dict(rkl=1.0, pg=1.0, sft=0.5, fkl=0.5, feat_image=0.0, feat_text=0.0, feat_proj=0.0)
     assert (C.METHODS["sft"].kind, C.METHODS["seqkd"].kind) == ("sft", "seqkd")  # no teacher in the step
     with pytest.raises(KeyError, match="compare.methods"):
         C.check_methods(["full", "kd2"])
+
+
+def test_minillm_code_is_pinned_against_recipe_changes():
+    """A retuned recipe (weights, clip) changes `full` and `no_pg` but not MiniLLM's code settings."""
+    c = compare_config.get_config()
+    c.loss.weights.pg, c.loss.weights.sft, c.optim.grad_clip, c.loss.gamma = 0.25, 2.0, 9.0, 1.0
+    code = C.method_config(c, "minillm_code")
+    assert (code.loss.weights.pg, code.loss.weights.sft, code.optim.grad_clip, code.loss.gamma) == (
+        1,
+        0.5,
+        1,
+        0.95,
+    )
+    assert (
+        C.method_config(c, "full").loss.weights.pg == 0.25
+        and C.method_config(c, "no_pg").loss.weights.sft == 2
+    )
+
+
+def _method_step(method, batch, key=5):
+    """Loss and metrics of one distillation step of `method` (configs/compare.py's loss with the method's
+    overrides) on the small test models: the reduced run of one step."""
+    c = C.method_config(compare_config.get_config("tiny"), method)
+    c.sampling.max_new_tokens = 5
+    spec = dataclasses.replace(
+        S.spec_from_config(c, _Cfg), image_token_id=IMG, chunk_size=4, feature_layers=((-1, -1),)
+    )
+    _, _, parts = build(spec)
+    student = nnx.merge(parts["graphdef"], parts["params"], parts["frozen"])
+    teacher = nnx.merge(parts["teacher_graphdef"], parts["teacher"])
+    loss, metrics = jax.jit(lambda b: S.compute_loss(student, teacher, b, jax.random.key(key), spec))(batch)
+    return float(loss), {k: float(v) for k, v in metrics.items()}
+
+
+def test_no_pg_and_minillm_code_steps_change_only_their_terms():
+    """Same rollout key: `no_pg` is the full loss minus its PG term (rollout and other terms unchanged);
+    `minillm_code` samples the same responses as `minillm`, has the same single-step term, a different PG term
+    (its whitened advantages), and no feature terms."""
+    b = {k: jnp.asarray(v) for k, v in make_batch(seed=4).items()}
+    runs = {m: _method_step(m, b) for m in ("full", "no_pg", "minillm", "minillm_code")}
+    (full, fm), (nopg, nm) = runs["full"], runs["no_pg"]
+    assert "loss/pg" in fm and "loss/pg" not in nm and nm["rollout/length"] == fm["rollout/length"]
+    for k in ("loss/rkl", "loss/sft", "loss/fkl", "loss/feat_image/0", "loss/feat_text/0", "rollout/iw_mean"):
+        assert nm[k] == pytest.approx(fm[k], rel=1e-5), k
+    assert nopg == pytest.approx(full - fm["loss/pg"], rel=1e-4, abs=1e-5)  # pg weight 1
+    (_, mm), (_, cm) = runs["minillm"], runs["minillm_code"]
+    assert not any(k.startswith("loss/feat") for k in cm)
+    for k in ("loss/rkl", "rollout/length", "rollout/iw_mean", "rollout/rev_kl_k3"):
+        assert cm[k] == pytest.approx(mm[k], rel=1e-5), k
+    assert abs(cm["loss/pg"] - mm["loss/pg"]) > 1e-3
 
 
 def test_alpha0_rollout_is_pure_student_sampling():

@@ -36,6 +36,24 @@ from rskd_jax.train.final_eval import divergences, evaluate_split
 log = logging.getLogger("rskd_jax")
 
 NO_FEAT = {"loss.weights.feat_image": 0.0, "loss.weights.feat_text": 0.0, "loss.weights.feat_proj": 0.0}
+# MiniLLM's released code (microsoft/LMOps minillm/, ../shared/reference/minillm.md section 1.7): A_t = G_t / n_t
+# (current token included, gamma 0.95, always length normalised), whitened; ratio clip 0.2 with the importance
+# weight inside; loss = pg + reg (single step) + lm_coef 1 x (0.5 CE + 0.5 FKL); alpha 0.2; global-norm clip
+# 1.0. Pinned, so that a change of the recipe's defaults does not change this method.
+MINILLM_CODE = {
+    "loss.gamma": 0.95,
+    "loss.include_current": True,
+    "loss.whiten": True,
+    "loss.length_norm": True,
+    "loss.clip_eps": 0.2,
+    "loss.divergence": "rkl",
+    "loss.weights.rkl": 1.0,
+    "loss.weights.pg": 1.0,
+    "loss.weights.sft": 0.5,
+    "loss.weights.fkl": 0.5,
+    "sampling.alpha": 0.2,
+    "optim.grad_clip": 1.0,
+}
 GT_ONLY = {"loss.weights.rkl": 0.0, "loss.weights.pg": 0.0, **NO_FEAT}
 
 
@@ -76,7 +94,29 @@ METHODS = {
         {"loss.weights.rkl": 0.0, "loss.include_current": True},
         "full without single-step decomposition: the PG return includes the current token, no exact term",
     ),
+    "minillm_code": Method(
+        "distill",
+        {**NO_FEAT, **MINILLM_CODE},
+        "MiniLLM as its released code runs it: PG return from the current token, gamma 0.95, whitened "
+        "advantages (+ the paper's length norm, importance weight inside the 0.2 ratio clip), no feature terms",
+    ),
+    "no_pg": Method("distill", {"loss.weights.pg": 0.0}, "full without the long-term policy-gradient term"),
     "no_length_norm": Method("distill", {"loss.length_norm": False}, "full with unnormalised PG returns"),
+    "clip10": Method(
+        "distill",
+        {"optim.grad_clip": 10.0},
+        "full with the global-norm clip above the distillation gradient norm (2-5): tuning check, results.md",
+    ),
+    "sft1_pg025": Method(
+        "distill",
+        {"loss.weights.sft": 1.0, "loss.weights.pg": 0.25},
+        "full with twice the CE weight and a quarter of the PG weight: tuning check, docs/results.md",
+    ),
+    "sft1_nopg": Method(
+        "distill",
+        {"loss.weights.sft": 1.0, "loss.weights.pg": 0.0},
+        "full with twice the CE weight and no PG term: tuning check, docs/results.md",
+    ),
     "whiten": Method(
         "distill",
         {"loss.whiten": True},
