@@ -204,7 +204,7 @@ def model_configs(config, settings: dict):
 
 
 def build_abstract(config, s_cfg, t_cfg, spec):
-    """Abstract DistillStudent (with LoRA and feature maps, as the distill stage adds them) and teacher."""
+    """Abstract StudentWithMaps (with LoRA and feature maps, as the distill stage adds them) and teacher."""
     from flax import nnx  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     from rskd_jax.distill import step as S  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
@@ -223,7 +223,7 @@ def build_abstract(config, s_cfg, t_cfg, spec):
         maps = S.feature_maps_for(
             spec.feature_layers if feat else (), s_cfg, t_cfg, nnx.Rngs(2), with_proj=spec.w("feat_proj") > 0
         )
-        return S.DistillStudent(model, maps)
+        return S.StudentWithMaps(model, maps)
 
     return nnx.eval_shape(make_student), nnx.eval_shape(lambda: LlavaModel(t_cfg, rngs=nnx.Rngs(0)))
 
@@ -603,6 +603,8 @@ def _rss_gib() -> float:
 
 def memory_stats(compiled, backend: str) -> dict:
     """Per-device bytes from `compiled.memory_analysis()`; total = arg + out - alias + temp + code."""
+    if compiled is None:  # the compiler refused the program
+        return dict.fromkeys(("argument", "output", "alias", "temp", "code", "total", "peak"))
     ma = compiled.memory_analysis()
     m = dict(
         argument=int(ma.argument_size_in_bytes),
@@ -615,6 +617,50 @@ def memory_stats(compiled, backend: str) -> dict:
     peak = getattr(ma, "peak_memory_in_bytes", None)
     m["peak"] = int(peak) if backend == "tpu" and peak is not None else None
     return m
+
+
+def _label(topo: Topology, backend: str) -> str:
+    """What the figures come from: libtpu's deviceless compile, or the pessimistic XLA:CPU estimate."""
+    if backend == "tpu":
+        return f"libtpu deviceless compile for {topo.topology_name}"
+    why = (
+        ""
+        if topo.platform != "tpu"
+        else "; --backend cpu"
+        if libtpu_available()
+        else "; libtpu not installed: pip install -e .[plan]"
+    )
+    return f"PESSIMISTIC XLA:CPU estimate ({topo.devices} fake CPU devices in place of {topo.chip}{why})"
+
+
+def _compile(lo: Lowered, log) -> tuple:
+    """(compiled or None, compiler error or None, seconds). libtpu checks HBM at compile time: its
+    RESOURCE_EXHAUSTED is a "does not fit" answer, not a failure."""
+    t1 = time.perf_counter()
+    try:
+        compiled, error = lo.lowered.compile(), None
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, error = None, str(e).strip().splitlines()[0]
+        log(f"[plan] the compiler refused the program: {error}")
+    t_compile = time.perf_counter() - t1
+    log(f"[plan] compile took {t_compile:.1f} s (host peak RSS {_rss_gib():.2f} GiB)")
+    return compiled, error, t_compile
+
+
+def _dump_hlo(compiled, dump_hlo, topo: Topology, log) -> None:
+    if dump_hlo and compiled is not None:
+        path = pathlib.Path(dump_hlo) / f"step_{topo.name}.hlo.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(compiled.as_text())
+        log(f"[plan] wrote {path}")
+
+
+def _xla_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis() if compiled is not None else None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def plan(
@@ -635,17 +681,7 @@ def plan(
     """Compiles one training step of `config` for `topology` ahead of time and sizes it (module docstring)."""
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
     backend = backend_for(topo, backend)
-    if backend == "tpu":
-        label = f"libtpu deviceless compile for {topo.topology_name}"
-    else:
-        why = (
-            ""
-            if topo.platform != "tpu"
-            else "; --backend cpu"
-            if libtpu_available()
-            else "; libtpu not installed: pip install -e .[plan]"
-        )
-        label = f"PESSIMISTIC XLA:CPU estimate ({topo.devices} fake CPU devices in place of {topo.chip}{why})"
+    label = _label(topo, backend)
     t0 = time.perf_counter()
     log(f"[plan] {topo.name}: {topo.devices} x {topo.chip}, {label}")
     devices = target_devices(topo, backend)
@@ -663,33 +699,13 @@ def plan(
         f"[plan] lowered in {t_lower:.1f} s; compiling with "
         f"{'libtpu (13B->7B: 3-4 CPU-minutes)' if backend == 'tpu' else 'XLA:CPU'} ..."
     )
-    t1 = time.perf_counter()
-    try:
-        compiled, error = lo.lowered.compile(), None
-    except Exception as e:  # libtpu checks HBM at compile time: RESOURCE_EXHAUSTED is a "does not fit" answer
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        compiled, error = None, str(e).strip().splitlines()[0]
-        log(f"[plan] the compiler refused the program: {error}")
-    t_compile = time.perf_counter() - t1
-    log(f"[plan] compile took {t_compile:.1f} s (host peak RSS {_rss_gib():.2f} GiB)")
-    if dump_hlo and compiled is not None:
-        path = pathlib.Path(dump_hlo) / f"step_{topo.name}.hlo.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(compiled.as_text())
-        log(f"[plan] wrote {path}")
-    mem = (
-        memory_stats(compiled, backend)
-        if compiled is not None
-        else dict.fromkeys(("argument", "output", "alias", "temp", "code", "total", "peak"))
-    )
+    compiled, error, t_compile = _compile(lo, log)
+    _dump_hlo(compiled, dump_hlo, topo, log)
+    mem = memory_stats(compiled, backend)
     hbm = int(hbm_bytes if hbm_bytes is not None else topo.hbm_bytes)
     b = int(batch_size or config.data.batch_size)
     fl = step_flops(config, lo.student_cfg, lo.teacher_cfg, lo.spec, lo.trainable_paths, b)
     fl["per_device"] = fl["total"] / topo.devices
-    reuse = reuse_report(config, lo, b, topo.devices)
-    cost = compiled.cost_analysis() if compiled is not None else None
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     actual = dict(
         compute_dtype=lo.student_cfg.dtype,
         teacher_param_dtype=lo.teacher_cfg.param_dtype,
@@ -712,7 +728,7 @@ def plan(
         margin=margin,
         fits=error is None and mem["total"] <= (1 - margin) * hbm,
         flops=fl,
-        xla_flops_per_device=float(cost["flops"]) if cost and "flops" in cost else None,
+        xla_flops_per_device=_xla_flops(compiled),
         step_time_s={f"{round(u * 100)}%": fl["per_device"] / (topo.peak_flops * u) for u in (1.0, 0.4)},
         timings=dict(
             lower_s=t_lower,
@@ -720,7 +736,7 @@ def plan(
             total_s=time.perf_counter() - t0,
             host_peak_rss_gib=_rss_gib(),
         ),
-        reuse=reuse,
+        reuse=reuse_report(config, lo, b, topo.devices),
     )
 
 
