@@ -138,7 +138,7 @@ def make_jax_step(
     tx = S.make_optimizer(
         ml_collections.ConfigDict(dict(lr=LR, total_steps=10**6, warmup_steps=0, schedule="constant"))
     )
-    init, step, parts = S.make_train_step(S.DistillStudent(student, maps), teacher, spec, tx, "all")
+    init, step, parts = S.make_train_step(S.StudentWithMaps(student, maps), teacher, spec, tx, "all")
     inputs = {k: jnp.asarray(batch[k]) for k in JAX_KEYS}
     state = init(parts["params"], jax.random.key(0))
     t1 = time.perf_counter()

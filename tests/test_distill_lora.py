@@ -91,7 +91,7 @@ _COMPILED: dict = {}
 
 def metrics_of(student, teacher, spec, key):
     """compute_loss metrics, jitted once per (student graph, teacher graph, spec): the key is an argument."""
-    g, st = nnx.split(S.DistillStudent(student, {}))
+    g, st = nnx.split(S.StudentWithMaps(student, {}))
     tg, ts = nnx.split(teacher) if teacher is not None else (None, None)
     if (g, tg, repr(spec)) not in _COMPILED:
         batch = {k: jnp.asarray(v) for k, v in make_batch(seed=5).items()}
@@ -134,7 +134,7 @@ def test_sft_step_with_dropout_is_reproducible_from_its_state():
     spec = S.StepSpec(weights=dict(sft=1.0), sampling=None, eos_id=2, pad_id=0, image_token_id=IMG)
     tx = optax.adam(1e-3)
     init, step, parts = S.make_train_step(
-        S.DistillStudent(lora_student(0.5)), None, spec, tx, "lora", donate=False
+        S.StudentWithMaps(lora_student(0.5)), None, spec, tx, "lora", donate=False
     )
     batch = make_batch(seed=6)
     s0 = init(parts["params"], jax.random.key(0))
@@ -180,7 +180,7 @@ def test_the_rule_matches_autodiff_and_the_step_refuses():
     teacher, student = teacher_model(), lora_student(0.0)
     layers = ((-1, -1),)
     maps = S.feature_maps_for(layers, scfg, tcfg, nnx.Rngs(4), with_proj=True)
-    ds = S.DistillStudent(student, maps)
+    ds = S.StudentWithMaps(student, maps)
     batch = {k: jnp.asarray(v) for k, v in make_batch(seed=8).items()}
     filt = S.trainable_filter("lora")
     g, params, frozen = nnx.split(ds, filt, ...)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rskd_jax.distill import forwards as FW
 from rskd_jax.distill import rollout as R
 from rskd_jax.distill import step as S
 from rskd_jax.models import LlavaModel, get_preset
@@ -62,7 +63,7 @@ def build(spec, trainable="all", mesh=None, lr=1e-3):
     teacher = LlavaModel(tcfg, rngs=nnx.Rngs(0))
     student = LlavaModel(scfg, rngs=nnx.Rngs(1))
     maps = S.feature_maps_for(spec.feature_layers, scfg, tcfg, nnx.Rngs(3), with_proj=spec.w("feat_proj") > 0)
-    ds = S.DistillStudent(student, maps)
+    ds = S.StudentWithMaps(student, maps)
     if mesh is not None:
         with jax.set_mesh(mesh):
             rules.shard_model(ds, mesh)
@@ -137,7 +138,7 @@ def test_trainable_subsets(trainable, expect):
         from rskd_jax.models import LoRAConfig, apply_lora
 
         apply_lora(student, LoRAConfig(rank=4, alpha=8.0, dropout=0.0), rngs=nnx.Rngs(2))
-    ds = S.DistillStudent(student, {})
+    ds = S.StudentWithMaps(student, {})
     tx = S.make_optimizer(
         ml_collections.ConfigDict(dict(lr=1e-2, total_steps=10, warmup_steps=0, schedule="constant"))
     )
@@ -215,7 +216,7 @@ def test_packed_view_reports_prompts_that_are_not_a_prefix():
     batch["prompt_ids"][0, -1] += 1  # row 0's prompt no longer matches its conversation
     ro = R.Rollout(*(np.zeros((B, 5), np.int32) for _ in range(5)), lengths=np.zeros(B, np.int32))
     ro = ro.replace(mask=np.ones((B, 5), np.float32))
-    bad = S._packed_view({k: jax.numpy.asarray(v) for k, v in batch.items()}, ro)[-1]
+    bad = FW.packed_view({k: jax.numpy.asarray(v) for k, v in batch.items()}, ro)[-1]
     assert float(bad) == 1 / B
 
 

@@ -1,7 +1,7 @@
 """Checks of a distillation step's loss terms against what it trains (parameter paths only; nothing allocated).
 
 A feature-alignment term maps student features to the teacher's width through a learned map
-(`DistillStudent.maps`) that export discards. When none of the student parameters that produce the term's
+(`StudentWithMaps.maps`) that export discards. When none of the student parameters that produce the term's
 student features is trainable, the term trains only that map: it changes nothing in the exported student, and
 its gradients still count in the global-norm clip (shrinking the useful update). Such a configuration is
 refused with one line naming the config key. Which student parameters a term reaches:
@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 
 def reached_prefixes(term: str, shared_vision: bool) -> tuple[str, ...]:
-    """'/'-joined parameter-path prefixes of a `DistillStudent` whose weights shape the term's student side."""
+    """'/'-joined parameter-path prefixes of a `StudentWithMaps` whose weights shape the term's student side."""
     vision = () if shared_vision else ("model/vision/",)
     if term == "feat_proj":
         return ("model/projector/", *vision)

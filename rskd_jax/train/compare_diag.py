@@ -30,7 +30,7 @@ def term_gradients(config, student, teacher, batch: dict, seed: int = 0, vectors
     spec = S.spec_from_config(config, student.cfg)
     maps = S.maps_for_spec(spec, student.cfg, teacher.cfg, nnx.Rngs(config.seed + 7))
     graphdef, params, frozen = nnx.split(
-        S.DistillStudent(student, maps), S.trainable_filter(config.trainable), ...
+        S.StudentWithMaps(student, maps), S.trainable_filter(config.trainable), ...
     )
     t_graphdef, t_state = nnx.split(teacher)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}

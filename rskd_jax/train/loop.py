@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class FitResult:
-    model: nnx.Module  # the trained model (student side of DistillStudent), parameters updated
+    model: nnx.Module  # the trained model (student side of StudentWithMaps), parameters updated
     maps: nnx.Module  # the feature maps trained with it (dropped at export)
     step: int
     preempted: bool
@@ -70,7 +70,7 @@ def build_step(model, teacher, spec, optim_cfg, trainable: str, mesh, *, maps=No
     """Shards `model` (+ `maps`) and `teacher` onto `mesh` and builds the step `fit` runs; the initial state
     takes over the trainable arrays (`model` is consumed). `launch/plan.py` lowers this same step
     (tests/test_rehearsal.py compares the two programs)."""
-    student = S.DistillStudent(model, maps)
+    student = S.StudentWithMaps(model, maps)
     with jax.set_mesh(mesh):
         rules.shard_model(student, mesh)
         if teacher is not None:
@@ -254,7 +254,7 @@ def log_memory(name: str, state, frozen, teacher) -> None:
     )
 
 
-def _merged(parts, state) -> S.DistillStudent:
+def _merged(parts, state) -> S.StudentWithMaps:
     return nnx.merge(parts["graphdef"], state.params, parts["frozen"])
 
 

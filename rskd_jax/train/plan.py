@@ -204,7 +204,7 @@ def model_configs(config, settings: dict):
 
 
 def build_abstract(config, s_cfg, t_cfg, spec):
-    """Abstract DistillStudent (with LoRA and feature maps, as the distill stage adds them) and teacher."""
+    """Abstract StudentWithMaps (with LoRA and feature maps, as the distill stage adds them) and teacher."""
     from flax import nnx  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     from rskd_jax.distill import step as S  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
@@ -223,7 +223,7 @@ def build_abstract(config, s_cfg, t_cfg, spec):
         maps = S.feature_maps_for(
             spec.feature_layers if feat else (), s_cfg, t_cfg, nnx.Rngs(2), with_proj=spec.w("feat_proj") > 0
         )
-        return S.DistillStudent(model, maps)
+        return S.StudentWithMaps(model, maps)
 
     return nnx.eval_shape(make_student), nnx.eval_shape(lambda: LlavaModel(t_cfg, rngs=nnx.Rngs(0)))
 
@@ -390,22 +390,24 @@ def _decoder(text, queries: int, keys: int) -> tuple[int, int]:
     return f["layers"] - f["attention"], attn
 
 
-def teacher_fwd_parts(spec, fwd, p: int, r: int, n: int, packed: bool) -> dict:
-    """The frozen teacher's forwards after a rollout: {component: FLOPs per sequence}. `fwd(queries, keys,
-    with_image)`. With `loss.reuse_teacher_prefix` the rollout's states replace the teacher's response view
-    and its prompt, so only the n - p ground-truth tokens after the prompt run, against the cached prompt
-    (all max(P + R, P + n - p) cache slots); without it, the packed or the two separate forwards."""
-    if spec.reuse_teacher_prefix:
-        if not spec.needs_teacher_gt:
-            return {}
+def teacher_flops(parts, fwd, p: int, r: int, n: int) -> dict:
+    """The frozen teacher's forwards after a rollout (`parts`: distill.parts.StepParts): {component: FLOPs per
+    sequence}. `fwd(queries, keys, with_image)`. With `loss.reuse_teacher_prefix` the rollout's states replace
+    the teacher's response view and its prompt, so only the n - p ground-truth tokens after the prompt run,
+    against the cached prompt (all max(P + R, P + n - p) cache slots); without it, the packed or the two
+    separate forwards. Without a rollout, only a ground-truth forward ("forward")."""
+    out = {}
+    if parts.teacher_response == "packed":
+        out["teacher fwd (packed ground truth + response)"] = fwd(n + r, n + r, True)
+    elif parts.teacher_response == "forward":
+        out["teacher fwd (prompt+response)"] = fwd(p + r, p + r, True)
+    if parts.teacher_gt == "prefix":
         s = n - p
         if s <= 0:  # no room after the prompt: the ground-truth forward runs in full
-            return {"teacher fwd (ground truth)": fwd(n, n, True)}
-        return {"teacher fwd (answer after the cached prompt)": fwd(s, max(p + r, p + s), False)}
-    if packed and spec.needs_teacher_gt:
-        return {"teacher fwd (packed ground truth + response)": fwd(n + r, n + r, True)}
-    out = {"teacher fwd (prompt+response)": fwd(p + r, p + r, True)}
-    if spec.needs_teacher_gt and not packed:
+            out["teacher fwd (ground truth)"] = fwd(n, n, True)
+        else:
+            out["teacher fwd (answer after the cached prompt)"] = fwd(s, max(p + r, p + s), False)
+    elif parts.teacher_gt == "forward":
         out["teacher fwd (ground truth)"] = fwd(n, n, True)
     return out
 
@@ -431,93 +433,137 @@ def teacher_states_bytes(config, t_cfg, spec, devices: int, batch_size: int | No
     return dict(cache=per(cache), hidden=per(hidden), total=per(cache + hidden))
 
 
-def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | None = None) -> dict:
-    """Analytic FLOPs of one global training step (FLOPS_CONVENTION): total and by component."""
+@dataclasses.dataclass(frozen=True)
+class _Costs:
+    """Forward / backward FLOPs per sequence of the step's model calls (FLOPS_CONVENTION)."""
+
+    s_cfg: object
+    t_cfg: object
+    tr: dict  # trainable_parts
+    lora: object  # the LoRA config when adapters train, else None
+    shared: bool  # shared vision: the teacher's tower runs once per sequence, no model runs its own
+    chunk: int  # loss.chunk_size
+
+    def vision(self, cfg):
+        from rskd_jax.eval import flops as F  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
+
+        return F.vision_flops(cfg.vision, F._vision_layers(cfg, "used"))["total"]
+
+    def image(self, cfg, with_image: bool):
+        """Vision tower (own) + projector of one call, 0 for text-only calls."""
+        from rskd_jax.eval import flops as F  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
+
+        n_img = F.image_tokens(self.s_cfg)
+        return (F.projector_flops(cfg, n_img) + (0 if self.shared else self.vision(cfg))) if with_image else 0
+
+    def frozen_fwd(self, cfg, queries, keys, with_image, lora=None):
+        dense, attn = _decoder(cfg.text, queries, keys)
+        return dense + attn + self.image(cfg, with_image) + _lora_fwd(cfg.text, queries, lora)
+
+    def student_grad(self, tokens):
+        """Student forward + backward over `tokens` tokens (with the image)."""
+        from rskd_jax.eval import flops as F  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
+
+        s_cfg, tr, shared = self.s_cfg, self.tr, self.shared
+        rc_dense, rc_attn = _RECOMPUTE[s_cfg.remat_policy]
+        dx = int(any(tr[k] for k in ("vision", "projector", "embed", "llm_dense", "lora")))
+        dense, attn = _decoder(s_cfg.text, tokens, tokens)
+        out = dense * (1 + rc_dense + dx + tr["llm_dense"]) + attn * (2 + rc_attn + dx)
+        out += _lora_fwd(s_cfg.text, tokens, self.lora) * (2 + rc_dense + dx)
+        out += F.projector_flops(s_cfg, F.image_tokens(s_cfg)) * (
+            1 + tr["projector"] + (tr["vision"] and not shared)
+        )
+        return out + (0 if shared else self.vision(s_cfg) * (1 + 2 * tr["vision"]))
+
+    def heads(self, positions: int, teacher: bool) -> int:
+        """The vocabulary heads over `positions` (padded to the chunk): student x(3 + dW), teacher x2."""
+        n = -(-positions // min(self.chunk, positions)) * min(self.chunk, positions)
+        head = lambda cfg: 2 * n * cfg.text.hidden_size * cfg.text.vocab_size
+        return head(self.s_cfg) * (3 + self.tr["head"]) + head(self.t_cfg) * 2 * teacher
+
+    def teacher_fwd(self, queries, keys, with_image):
+        return self.frozen_fwd(self.t_cfg, queries, keys, with_image)
+
+
+def rollout_flops(c: _Costs, p: int, r: int) -> dict:
+    """Rollout: prefill of both models over the prompt and r decode steps, each with a 1-position head."""
+    head1 = lambda cfg: 2 * cfg.text.hidden_size * cfg.text.vocab_size
+
+    def both(queries, with_image):
+        return (
+            c.frozen_fwd(c.s_cfg, queries, p + r, with_image, c.lora)
+            + head1(c.s_cfg)
+            + c.frozen_fwd(c.t_cfg, queries, p + r, with_image)
+            + head1(c.t_cfg)
+        )
+
+    return {"rollout prefill": both(p, True), "rollout decode": r * both(1, False)}
+
+
+def response_view_flops(c: _Costs, parts, p: int, r: int, n: int) -> dict:
+    """The response view: the student's forward + backward (packed with the ground truth or over prompt +
+    response), the teacher's forwards after the rollout, and the response-chunk heads (rkl, pg)."""
+    out = {}
+    if parts.packed:
+        out["student fwd+bwd (packed ground truth + response)"] = c.student_grad(n + r)
+    else:
+        out["student fwd+bwd (prompt+response)"] = c.student_grad(p + r)
+    out.update(teacher_flops(parts, c.teacher_fwd, p, r, n))
+    out["heads (response chunks)"] = c.heads(r, teacher=True)
+    return out
+
+
+def gt_view_flops(c: _Costs, parts, p: int, n: int) -> dict:
+    """The ground-truth view: the student's own forward + backward (unless packed), the teacher's ground-truth
+    forward when no rollout ran, and the answer-chunk heads (sft; fkl with the teacher's head)."""
+    out = {}
+    if not parts.packed:
+        out["student fwd+bwd (ground truth)"] = c.student_grad(n)
+    if not parts.rollout:
+        out.update(teacher_flops(parts, c.teacher_fwd, p, 0, n))
+    if parts.token_terms:
+        out["heads (ground-truth chunks)"] = c.heads(n, teacher="fkl" in parts.token_terms)
+    return out
+
+
+def feature_flops(c: _Costs, parts, n: int) -> int:
+    """The student->teacher feature maps (x3: forward, dX, dW) on every aligned layer's n positions and on the
+    projected image tokens."""
     from rskd_jax.eval import flops as F  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
+
+    ds, dt = c.s_cfg.text.hidden_size, c.t_cfg.text.hidden_size
+    return 3 * 2 * ds * dt * (n * len(parts.feature_layers) + F.image_tokens(c.s_cfg) * parts.feat_proj)
+
+
+def step_flops(config, s_cfg, t_cfg, spec, trainable_paths, batch_size: int | None = None) -> dict:
+    """Analytic FLOPs of one global training step (FLOPS_CONVENTION): total and by component, one component
+    group per part of the step (`rskd_jax.distill.parts.step_parts`)."""
+    from rskd_jax.distill.parts import step_parts  # noqa: PLC0415 (no jax before launch/plan.py sets XLA_FLAGS)
 
     d = config.data
     b = int(batch_size or d.batch_size)
     tr = trainable_parts(trainable_paths)
-    lora = config.lora if tr["lora"] else None
-    rc_dense, rc_attn = _RECOMPUTE[s_cfg.remat_policy]
-    dx = int(any(tr[k] for k in ("vision", "projector", "embed", "llm_dense", "lora")))
-    n_img = F.image_tokens(s_cfg)
-    shared = spec.shared_vision  # the trainer's batches always carry pixel_values
-
-    def vision(cfg):
-        return F.vision_flops(cfg.vision, F._vision_layers(cfg, "used"))["total"]
-
-    def image(cfg, with_image: bool):  # vision tower (own) + projector of one call, 0 for text-only calls
-        return (F.projector_flops(cfg, n_img) + (0 if shared else vision(cfg))) if with_image else 0
-
-    def frozen_fwd(cfg, queries, keys, with_image, lora_cfg=None):
-        dense, attn = _decoder(cfg.text, queries, keys)
-        return dense + attn + image(cfg, with_image) + _lora_fwd(cfg.text, queries, lora_cfg)
-
-    def student_grad(tokens):
-        dense, attn = _decoder(s_cfg.text, tokens, tokens)
-        out = dense * (1 + rc_dense + dx + tr["llm_dense"]) + attn * (2 + rc_attn + dx)
-        out += _lora_fwd(s_cfg.text, tokens, lora) * (2 + rc_dense + dx)
-        out += F.projector_flops(s_cfg, n_img) * (1 + tr["projector"] + (tr["vision"] and not shared))
-        return out + (0 if shared else vision(s_cfg) * (1 + 2 * tr["vision"]))
-
-    def head(cfg, positions):
-        return 2 * positions * cfg.text.hidden_size * cfg.text.vocab_size
-
-    def padded(n):
-        c = min(spec.chunk_size, n)
-        return -(-n // c) * c
-
-    parts = {}
-    gt_terms = any(spec.w(k) > 0 for k in ("sft", "fkl", "feat_image", "feat_text", "feat_proj"))
-    packed = spec.needs_rollout and gt_terms and spec.pack_views  # one forward over [GT | response]
-    if shared:
-        parts["vision (shared teacher tower)"] = vision(t_cfg)
-    if spec.needs_rollout:
-        p, r = int(d.prompt_len), int(spec.sampling.max_new_tokens)
-        parts["rollout prefill"] = (
-            frozen_fwd(s_cfg, p, p + r, True, lora)
-            + head(s_cfg, 1)
-            + frozen_fwd(t_cfg, p, p + r, True)
-            + head(t_cfg, 1)
-        )
-        parts["rollout decode"] = r * (
-            frozen_fwd(s_cfg, 1, p + r, False, lora)
-            + head(s_cfg, 1)
-            + frozen_fwd(t_cfg, 1, p + r, False)
-            + head(t_cfg, 1)
-        )
-        if packed:
-            parts["student fwd+bwd (packed ground truth + response)"] = student_grad(int(d.seq_len) + r)
-        else:
-            parts["student fwd+bwd (prompt+response)"] = student_grad(p + r)
-        t_fwd = lambda q, k, with_image: frozen_fwd(t_cfg, q, k, with_image)
-        parts.update(teacher_fwd_parts(spec, t_fwd, p, r, int(d.seq_len), packed))
-        parts["heads (response chunks)"] = (
-            head(s_cfg, padded(r)) * (3 + tr["head"]) + head(t_cfg, padded(r)) * 2
-        )
-    if gt_terms:
-        n = int(d.seq_len)
-        if not packed:
-            parts["student fwd+bwd (ground truth)"] = student_grad(n)
-            if spec.needs_teacher_gt and not spec.needs_rollout:
-                parts["teacher fwd (ground truth)"] = frozen_fwd(t_cfg, n, n, True)
-        fkl = spec.w("fkl") > 0
-        if spec.w("sft") > 0 or fkl:
-            parts["heads (ground-truth chunks)"] = (
-                head(s_cfg, padded(n)) * (3 + tr["head"]) + head(t_cfg, padded(n)) * 2 * fkl
-            )
-        ds, dt = s_cfg.text.hidden_size, t_cfg.text.hidden_size
-        feat = spec.w("feat_image") + spec.w("feat_text") > 0
-        maps = 3 * 2 * ds * dt * (n * len(spec.feature_layers) * feat + n_img * (spec.w("feat_proj") > 0))
+    parts = step_parts(spec)
+    c = _Costs(s_cfg, t_cfg, tr, config.lora if tr["lora"] else None, parts.shared_vision, spec.chunk_size)
+    p, n = int(d.prompt_len), int(d.seq_len)
+    out = {}
+    if parts.shared_vision:
+        out["vision (shared teacher tower)"] = c.vision(t_cfg)
+    if parts.rollout:
+        r = int(spec.sampling.max_new_tokens)
+        out.update(rollout_flops(c, p, r))
+        out.update(response_view_flops(c, parts, p, r, n))
+    if parts.gt:
+        out.update(gt_view_flops(c, parts, p, n))
+        maps = feature_flops(c, parts, n)
         if maps:
-            parts["feature maps"] = maps
-    per_seq = sum(parts.values())
+            out["feature maps"] = maps
+    per_seq = sum(out.values())
     return dict(
         total=b * per_seq,
         per_sequence=per_seq,
         batch_size=b,
-        components={k: b * v for k, v in parts.items()},
+        components={k: b * v for k, v in out.items()},
         convention=FLOPS_CONVENTION,
     )
 
@@ -557,6 +603,8 @@ def _rss_gib() -> float:
 
 def memory_stats(compiled, backend: str) -> dict:
     """Per-device bytes from `compiled.memory_analysis()`; total = arg + out - alias + temp + code."""
+    if compiled is None:  # the compiler refused the program
+        return dict.fromkeys(("argument", "output", "alias", "temp", "code", "total", "peak"))
     ma = compiled.memory_analysis()
     m = dict(
         argument=int(ma.argument_size_in_bytes),
@@ -569,6 +617,50 @@ def memory_stats(compiled, backend: str) -> dict:
     peak = getattr(ma, "peak_memory_in_bytes", None)
     m["peak"] = int(peak) if backend == "tpu" and peak is not None else None
     return m
+
+
+def _label(topo: Topology, backend: str) -> str:
+    """What the figures come from: libtpu's deviceless compile, or the pessimistic XLA:CPU estimate."""
+    if backend == "tpu":
+        return f"libtpu deviceless compile for {topo.topology_name}"
+    why = (
+        ""
+        if topo.platform != "tpu"
+        else "; --backend cpu"
+        if libtpu_available()
+        else "; libtpu not installed: pip install -e .[plan]"
+    )
+    return f"PESSIMISTIC XLA:CPU estimate ({topo.devices} fake CPU devices in place of {topo.chip}{why})"
+
+
+def _compile(lo: Lowered, log) -> tuple:
+    """(compiled or None, compiler error or None, seconds). libtpu checks HBM at compile time: its
+    RESOURCE_EXHAUSTED is a "does not fit" answer, not a failure."""
+    t1 = time.perf_counter()
+    try:
+        compiled, error = lo.lowered.compile(), None
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, error = None, str(e).strip().splitlines()[0]
+        log(f"[plan] the compiler refused the program: {error}")
+    t_compile = time.perf_counter() - t1
+    log(f"[plan] compile took {t_compile:.1f} s (host peak RSS {_rss_gib():.2f} GiB)")
+    return compiled, error, t_compile
+
+
+def _dump_hlo(compiled, dump_hlo, topo: Topology, log) -> None:
+    if dump_hlo and compiled is not None:
+        path = pathlib.Path(dump_hlo) / f"step_{topo.name}.hlo.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(compiled.as_text())
+        log(f"[plan] wrote {path}")
+
+
+def _xla_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis() if compiled is not None else None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def plan(
@@ -589,17 +681,7 @@ def plan(
     """Compiles one training step of `config` for `topology` ahead of time and sizes it (module docstring)."""
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
     backend = backend_for(topo, backend)
-    if backend == "tpu":
-        label = f"libtpu deviceless compile for {topo.topology_name}"
-    else:
-        why = (
-            ""
-            if topo.platform != "tpu"
-            else "; --backend cpu"
-            if libtpu_available()
-            else "; libtpu not installed: pip install -e .[plan]"
-        )
-        label = f"PESSIMISTIC XLA:CPU estimate ({topo.devices} fake CPU devices in place of {topo.chip}{why})"
+    label = _label(topo, backend)
     t0 = time.perf_counter()
     log(f"[plan] {topo.name}: {topo.devices} x {topo.chip}, {label}")
     devices = target_devices(topo, backend)
@@ -617,33 +699,13 @@ def plan(
         f"[plan] lowered in {t_lower:.1f} s; compiling with "
         f"{'libtpu (13B->7B: 3-4 CPU-minutes)' if backend == 'tpu' else 'XLA:CPU'} ..."
     )
-    t1 = time.perf_counter()
-    try:
-        compiled, error = lo.lowered.compile(), None
-    except Exception as e:  # libtpu checks HBM at compile time: RESOURCE_EXHAUSTED is a "does not fit" answer
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        compiled, error = None, str(e).strip().splitlines()[0]
-        log(f"[plan] the compiler refused the program: {error}")
-    t_compile = time.perf_counter() - t1
-    log(f"[plan] compile took {t_compile:.1f} s (host peak RSS {_rss_gib():.2f} GiB)")
-    if dump_hlo and compiled is not None:
-        path = pathlib.Path(dump_hlo) / f"step_{topo.name}.hlo.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(compiled.as_text())
-        log(f"[plan] wrote {path}")
-    mem = (
-        memory_stats(compiled, backend)
-        if compiled is not None
-        else dict.fromkeys(("argument", "output", "alias", "temp", "code", "total", "peak"))
-    )
+    compiled, error, t_compile = _compile(lo, log)
+    _dump_hlo(compiled, dump_hlo, topo, log)
+    mem = memory_stats(compiled, backend)
     hbm = int(hbm_bytes if hbm_bytes is not None else topo.hbm_bytes)
     b = int(batch_size or config.data.batch_size)
     fl = step_flops(config, lo.student_cfg, lo.teacher_cfg, lo.spec, lo.trainable_paths, b)
     fl["per_device"] = fl["total"] / topo.devices
-    reuse = reuse_report(config, lo, b, topo.devices)
-    cost = compiled.cost_analysis() if compiled is not None else None
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     actual = dict(
         compute_dtype=lo.student_cfg.dtype,
         teacher_param_dtype=lo.teacher_cfg.param_dtype,
@@ -666,7 +728,7 @@ def plan(
         margin=margin,
         fits=error is None and mem["total"] <= (1 - margin) * hbm,
         flops=fl,
-        xla_flops_per_device=float(cost["flops"]) if cost and "flops" in cost else None,
+        xla_flops_per_device=_xla_flops(compiled),
         step_time_s={f"{round(u * 100)}%": fl["per_device"] / (topo.peak_flops * u) for u in (1.0, 0.4)},
         timings=dict(
             lower_s=t_lower,
@@ -674,7 +736,7 @@ def plan(
             total_s=time.perf_counter() - t0,
             host_peak_rss_gib=_rss_gib(),
         ),
-        reuse=reuse,
+        reuse=reuse_report(config, lo, b, topo.devices),
     )
 
 
