@@ -198,9 +198,9 @@ def get_config(arg=None):
         c.student.vision.patch_size = 16
         c.data.update(seq_len=136, prompt_len=112)
         c.teacher.sft_steps = 500
-        # lr 2e-3, not 3e-3: at 3e-3 seed 1's teacher never separates the scene backgrounds (scene OA 34, no
-        # divergence in the loss, classes merged by colour); 2e-3 gives 86 on the same seed.
-        c.teacher.lr = 2e-3
+        # lr 1.5e-3, not 3e-3: at 3e-3 seed 1's teacher never separates the scene backgrounds (scene OA 34, no
+        # divergence in the loss, classes merged by colour); 2e-3 gives 86 there, 1.5e-3 99 (seed 2: 100).
+        c.teacher.lr = 1.5e-3
         c.eval.update(limit=0, max_new_tokens=64, batch_size=64, divergence_limit=320)
     elif a.preset == "tiny":  # a few seconds; used by tests
         c.total_steps = 6
