@@ -245,6 +245,9 @@ def _demo(c):
     c.student.vision.patch_size = 16
     c.data.update(seq_len=136, prompt_len=112)
     c.teacher.sft_steps = 500
+    # lr 1.5e-3, not 3e-3: at 3e-3 seed 1's teacher never separates the scene backgrounds (scene OA 34, no
+    # divergence in the loss, classes merged by colour); 2e-3 gives 86 there, 1.5e-3 99 (seed 2: 100).
+    c.teacher.lr = 1.5e-3
     c.eval.update(limit=0, max_new_tokens=64, batch_size=64, divergence_limit=320)
 
 
