@@ -1,7 +1,8 @@
 """Layering contract of the package (docs/architecture.md#layers): every `rskd_jax` import, module-level or
 inside a function, goes to the same or a lower layer, and the module import graph has no cycle.
 
-Parsed with `ast` (nothing is imported), so the test takes well under a second.
+Parsed with `ast` (nothing is imported), so the test takes well under a second. Also checked here: no function
+in the package is longer than 80 lines (issue 18).
 """
 
 from __future__ import annotations
@@ -147,3 +148,31 @@ def test_checker_finds_upward_imports_and_cycles():
     assert cycles({"a": {"b"}, "b": set()}) == []
     assert layer("rskd_jax.models.llava") < layer("rskd_jax.convert.importer") < layer("rskd_jax.train.run")
     assert layer("rskd_jax.parallel.mesh") < layer("rskd_jax.models.llava")
+
+
+MAX_FUNCTION_LINES = 80  # issue 18: a function that needs a scroll bar wants splitting
+
+
+def long_functions(root: pathlib.Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """`path:line name (n lines)` for every function or method under `root` longer than `limit` lines."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    out.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({n} lines)")
+    return out
+
+
+def test_no_function_over_80_lines_in_the_package():
+    found = long_functions(PKG)
+    assert not found, "split these (docs/architecture.md):\n" + "\n".join(found)
+
+
+def test_long_function_check_finds_a_long_function(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (pkg / "m.py").write_text(f"def short():\n    return 1\n\n\ndef long():\n{body}\n    return x0\n")
+    assert long_functions(pkg) == [f"pkg/m.py:5 long ({MAX_FUNCTION_LINES + 2} lines)"]
