@@ -1,9 +1,13 @@
 """bench/hlo_costs.py's HLO accounting, checked on programs whose data movement is known in closed form."""
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 
-from bench import hlo_costs as H
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/ is scripts, not installed
+from bench import hlo_costs as H  # noqa: E402
 
 
 def _compiled_text(fn, *args) -> str:
