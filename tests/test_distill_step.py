@@ -286,6 +286,9 @@ def test_teacher_prefix_reuse_on_a_mesh_with_gradient_accumulation():
     assert set(l_ref[0]) == set(l_re[0])
     for k, v in l_ref[0].items():
         np.testing.assert_allclose(l_re[0][k], v, rtol=1e-5, atol=1e-7, err_msg=k)
-    # grad_norm agreed above; Adam's first step is ~lr * sign(g), so parameters agree to a small part of lr
+    # grad_norm agreed above; Adam's first step is lr * g / (|g| + eps), ~lr * sign(g), so parameters agree to a
+    # small part of lr (1 %): for a gradient entry near eps the update amplifies float reassociation (the two
+    # paths sum in different orders across micro-batches and devices; measured 0.14 % of lr on one of 4096
+    # entries on an AMD EPYC host, 2026-12-06, with the code of both before and after issue 18's refactor).
     for a, b in zip(jax.tree.leaves(s_ref.params), jax.tree.leaves(s_re.params)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-2 * 1e-3)  # lr = 1e-3

@@ -7,7 +7,6 @@ params CLI.
 import json
 import pathlib
 import re
-import resource
 import subprocess
 import sys
 
@@ -274,14 +273,20 @@ PAPER_T8 = {"geochat_7b": (6760.72, 6904.53), "geochat_13b": (13048.66, 13377.05
 
 
 def test_params_cli_prints_paper_count_without_weights(tmp_path):
+    # The CLI runs in a child that reports its OWN peak RSS when it exits (RUSAGE_CHILDREN of this pytest
+    # process would be the largest of every child any earlier test started).
+    argv = [str(ROOT / "launch" / "eval.py"), "--config", str(ROOT / "configs" / "eval.py") + ":params"]
+    argv.append(f"--config.out_dir={tmp_path}")
+    wrapper = (
+        "import resource, runpy, sys\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "finally:\n"
+        "    print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
     out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "launch" / "eval.py"),
-            "--config",
-            str(ROOT / "configs" / "eval.py") + ":params",
-            f"--config.out_dir={tmp_path}",
-        ],
+        [sys.executable, "-c", wrapper],
         capture_output=True,
         text=True,
         timeout=120,
@@ -294,7 +299,7 @@ def test_params_cli_prints_paper_count_without_weights(tmp_path):
         assert cells[4] == f"{params_m:.2f}"
         assert float(cells[6]) == pytest.approx(paper_gflops, rel=1e-3)  # paper convention, within 0.1 %
     assert "GFLOPs (paper) = " in out.stdout and "GFLOPs (full) = " in out.stdout  # both explained
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    peak_gib = int(out.stderr.split("PEAK_RSS_KIB")[-1].split()[0]) / 2**20
     assert peak_gib < 4  # 7B weights in float32 would be ~27 GiB: nothing was allocated
     assert (
         json.loads((tmp_path / "params.json").read_text())["geochat_7b"]["params_flops"]["params"][

@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import transformers
 from PIL import Image
+from test_distill_testlib import cross_entropy
 from test_models_testlib import randomize_
 
 from rskd_jax.convert import from_torch
@@ -43,7 +44,6 @@ def memorizing_model(d: pathlib.Path, image, question: str, answer: str, steps: 
 
     from rskd_jax.convert.exporter import export_model
     from rskd_jax.data import ExampleTransform
-    from rskd_jax.distill import losses
 
     tok = train_synth_tokenizer(d / "tok", vocab_size=400, num_records=300)
     cfg = runner.smoke_config("tiny", tok)
@@ -64,7 +64,7 @@ def memorizing_model(d: pathlib.Path, image, question: str, answer: str, steps: 
     def step(model, opt, ids, mask, target, px):
         def loss_fn(m):
             logits = m(ids, px, attention_mask=mask).logits
-            return losses.cross_entropy(logits[:, :-1], ids[:, 1:], target[:, 1:])
+            return cross_entropy(logits[:, :-1], ids[:, 1:], target[:, 1:])
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         opt.update(model, grads)
