@@ -273,17 +273,19 @@ PAPER_T8 = {"geochat_7b": (6760.72, 6904.53), "geochat_13b": (13048.66, 13377.05
 
 
 def test_params_cli_prints_paper_count_without_weights(tmp_path):
-    # The CLI runs in a child that reports its OWN peak RSS when it exits (RUSAGE_CHILDREN of this pytest
-    # process would be the largest of every child any earlier test started).
+    # The CLI runs in a child that reports its OWN peak RSS when it exits: VmHWM of its address space.
+    # (RUSAGE_CHILDREN of this pytest process is the largest of every child any earlier test started, and
+    # the child's own ru_maxrss keeps the forked copy of pytest's RSS across exec on Linux: 4.03 GiB in CI.)
     argv = [str(ROOT / "launch" / "eval.py"), "--config", str(ROOT / "configs" / "eval.py") + ":params"]
     argv.append(f"--config.out_dir={tmp_path}")
     wrapper = (
-        "import resource, runpy, sys\n"
+        "import runpy, sys\n"
         f"sys.argv = {argv!r}\n"
         "try:\n"
         "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
         "finally:\n"
-        "    print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "    hwm = next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))\n"
+        "    print('PEAK_RSS_KIB', hwm.split()[1], file=sys.stderr)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", wrapper],
