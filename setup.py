@@ -26,9 +26,9 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",  # TensorBoard event files (train/writers.py); no TensorFlow or tensorboard
     "shapely==2.2.0",  # rotated-box IoU (eval/boxes.py)
     "rouge-score==0.1.2",  # ROUGE for the demo's report (METEOR needs the `eval` extra + Java)
-    "absl-py",
-    "tqdm",
-    "matplotlib",
+    "absl-py==2.5.1",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
 ]
 
 EXTRAS = {
@@ -36,15 +36,15 @@ EXTRAS = {
         "fastapi==0.165.0",  # the web demo (as `serve`), driven in Debian's chromium by selenium
         "uvicorn==0.55.0",
         "selenium==4.51.0",
-        "pytest",
-        "pytest-xdist",
+        "pytest==9.0.3",
+        "pytest-xdist==3.8.0",
         "torch==2.13.0",
         "peft==0.21.2",  # reference for LoRA merging (tests)
         "accelerate==1.15.0",
-        "nbclient",
-        "nbformat",
-        "ipykernel",
-        "ruff",
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
+        "ruff==0.17.6",
     ],
     "eval": ["pycocoevalcap==1.2", "nltk==3.10.4"],
     "plan": ["libtpu==0.0.42.1"],

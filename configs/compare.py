@@ -47,6 +47,9 @@ def get_config(arg=None):
     c = distill.get_config(base[a.preset])
     c.preset = "compare" if a.preset == "default" else "compare_" + a.preset
     c.export_student = False
+    # The comparison's `full` / `minillm` are the paper's method, long-term PG included (the demo preset drops it:
+    # configs/distill.py); `no_pg` is the demo's recipe.
+    c.loss.weights.pg = 1.0
     c.compare = ml_collections.ConfigDict(
         dict(
             methods=ALL_METHODS,

@@ -70,6 +70,18 @@ def test_minillm_code_is_pinned_against_recipe_changes():
     )
 
 
+def test_demo_recipe_is_no_pg_and_the_comparison_keeps_the_full_method():
+    """The README demo distils with the comparison's `no_pg` recipe (docs/results.md); the comparison's `full`
+    and `minillm` keep the paper's long-term PG term."""
+    from configs import distill
+
+    demo = S.spec_from_config(distill.get_config("demo"), _Cfg)
+    c = compare_config.get_config()
+    full, no_pg = (S.spec_from_config(C.method_config(c, m), _Cfg) for m in ("full", "no_pg"))
+    assert demo.w("pg") == 0 and full.w("pg") == 1 and C.method_config(c, "minillm").loss.weights.pg == 1
+    assert demo.weights == no_pg.weights and demo.sampling == no_pg.sampling and demo.needs_rollout
+
+
 def _method_step(method, batch, key=5):
     """Loss and metrics of one distillation step of `method` (configs/compare.py's loss with the method's
     overrides) on the small test models: the reduced run of one step."""
@@ -157,6 +169,7 @@ def test_reduced_comparison(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "fit", spy)
     c = compare_config.get_config("tiny")
     c.data.batch_size = 8  # the 8 test devices (conftest)
+    c.total_steps, c.compare.kl_every = 3, 2  # the curve: start, the probe at step 2 and the end point
     methods = ("sft", "seqkd", "alpha0")  # word_kd: test_every_method_changes_what_it_names
     c.compare.update(methods=methods, compile_cache=False)  # no process-wide cache setting from a test
     starts = []
@@ -175,7 +188,7 @@ def test_reduced_comparison(tmp_path, monkeypatch):
     assert all(f"| {m} | 1 |" in md for m in methods) and "| teacher |" in md
     assert (tmp_path / "compare.png").stat().st_size > 1000
     curve = [p["step"] for p in out["runs"][0]["curve"]]
-    assert curve == [0, 1, 2]
+    assert curve == [0, 2, 3]
 
     # the SFT control and seqkd never get a teacher; their steps log cross-entropy only
     for m in ("sft", "seqkd"):

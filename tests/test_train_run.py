@@ -77,6 +77,7 @@ def test_demo_report(finished_run):
         "Region captioning",
         "Parameters and FLOPs",
         "Divergence to the teacher",
+        "Agreement with the teacher",
     ):
         assert heading.lower() in md.lower(), heading
     rep = json.loads((a / "report.json").read_text())
@@ -87,6 +88,17 @@ def test_demo_report(finished_run):
     # distillation moved the student towards the teacher on held-out data, on both measures
     assert after["rkl_sampled"] < before["rkl_sampled"]
     assert after["rkl_gt"] < before["rkl_gt"]
+    # agreement with the teacher's answers, per predictions file: recounted here from the files
+    assert list(rep["agreement"]) == names[1:]
+    for name, row in rep["agreement"].items():
+        assert row, name
+        for stem, value in row.items():
+            read = lambda who, stem=stem: {
+                r["id"]: " ".join(r["prediction"].split()).lower()
+                for r in map(json.loads, (a / "eval" / who / "predictions" / f"{stem}.jsonl").open())
+            }
+            t, s = read("teacher"), read(name.replace(" ", "_"))
+            assert value == pytest.approx(100 * sum(t[k] == s[k] for k in t) / len(t)), (name, stem)
     assert (a / "distill_curves.png").stat().st_size > 1000
     assert set(rep["curves"]) >= {"loss/rkl", "loss/pg", "loss/total", "rollout/rev_kl_k3"}
     # the control: plain SFT only (no teacher term, no rollout), as many steps as the distillation

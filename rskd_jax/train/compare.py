@@ -287,6 +287,8 @@ def run_one(ctx, name: str, k: int, student0, teacher, kl_batches, start_kl: dic
     t_train = time.perf_counter() - t0
     out = evaluate(ctx, res.model, teacher, wd)
     curve = [dict(start_kl, step=0), *read_curve(wd / "kl_curve.jsonl", res.step)]
+    if curve[-1]["step"] != res.step:  # kl_every 0 or not a divisor of total_steps: the end point
+        curve.append({"step": int(res.step), **kl_to_teacher(ctx, res.model, teacher, kl_batches)})
     out.update(
         method=name,
         seed=k,

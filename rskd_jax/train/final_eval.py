@@ -2,8 +2,8 @@
 
 Writes into the run's workdir:
   report.md / report.json   task tables (scene OA/AA, VQA per type + mOA, grounding acc@0.5/0.25, region captions
-                            ROUGE), divergence to the teacher, parameters/FLOPs, side by side with the Δ row
-                            (distilled − SFT continued)
+                            ROUGE), divergence to the teacher, agreement with the teacher's answers,
+                            parameters/FLOPs, side by side with the Δ row (distilled − SFT continued)
   distill_curves.png        every loss term of the distillation and the sampled reverse-KL estimate over steps
   eval/<model>/             per-model predictions, confusion matrix and grounding PNGs
 """
@@ -16,6 +16,7 @@ import pathlib
 
 from rskd_jax.data import eval_batches
 from rskd_jax.eval import flops, plots, report, runner
+from rskd_jax.eval.agreement import agreement_table, teacher_agreement
 from rskd_jax.eval.divergence import divergence_to_teacher
 from rskd_jax.train.context import transform_for
 
@@ -73,9 +74,10 @@ def final_report(ctx, *, teacher, before, after, distill_dir, control=None) -> d
     models = {TEACHER: teacher, BEFORE: before, CONTROL: control, AFTER: after}
     models = {n: m for n, m in models.items() if m is not None}
     results = {}
+    dirs = {name: wd / "eval" / name.replace(" ", "_") for name in models}
     for name, model in models.items():
         log.info("evaluating %s on %s", name, ctx.eval_source)
-        res = evaluate_split(ctx, model, name=name, out_dir=wd / "eval" / name.replace(" ", "_"))
+        res = evaluate_split(ctx, model, name=name, out_dir=dirs[name])
         res["params_flops"] = flops.params_flops_metrics(model.cfg, c.data.seq_len)
         results[name] = res
     div = divergences(ctx, {n: m for n, m in models.items() if n != TEACHER}, teacher)
@@ -87,12 +89,16 @@ def final_report(ctx, *, teacher, before, after, distill_dir, control=None) -> d
         delta=(base, AFTER),
     )
     md += "\n" + divergence_table(div) + "\n"
+    agree = teacher_agreement(dirs[TEACHER], {n: d for n, d in dirs.items() if n != TEACHER})
+    md += "\n" + agreement_table(agree) + "\n"
     if curves:
         md += "\n![distillation curves](distill_curves.png)\n"
     (wd / "report.md").write_text(md)
-    report.write_json(dict(results=results, divergence=div, curves=curves), wd / "report.json")
+    report.write_json(
+        dict(results=results, divergence=div, agreement=agree, curves=curves), wd / "report.json"
+    )
     log.info("report: %s\n%s", wd / "report.md", md)
-    return dict(results=results, divergence=div)
+    return dict(results=results, divergence=div, agreement=agree)
 
 
 def divergence_table(div: dict) -> str:
