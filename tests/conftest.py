@@ -1,7 +1,8 @@
 """Test-session setup.
 
 * Eight simulated CPU devices for the mesh tests (set before jax is imported anywhere). Single-device
-  code runs on device 0 and is unaffected.
+  code runs on device 0 and is unaffected. XLA:CPU compiles at LLVM -O0 (tests/xla_flags.py: the tiny
+  models' time is compile time).
 * absl flags marked parsed so Grain worker processes work under pytest.
 * `RSKD_SHARED_DATA` points at the real UC Merced data (../shared/data); tests that need it skip with
   that reason when it is unset.
@@ -10,7 +11,9 @@
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from xla_flags import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import shared_data_dir
+from xla_flags import FAST_COMPILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = ["step", "full_step", "rollout", "gpu", "convert", "input"]
@@ -24,8 +25,7 @@ TIMEOUT_S = 600
 
 
 def _run(name: str, out: pathlib.Path, data: pathlib.Path | None) -> dict:
-    fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    env = dict(os.environ, XLA_FLAGS=fast_compile, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, PYTHONWARNINGS="ignore")
     if data is not None:
         env["RSKD_SHARED_DATA"] = str(data)
     cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--out", str(out)]

@@ -14,6 +14,7 @@ import sys
 from typing import NamedTuple
 
 import pytest
+from xla_flags import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHERS = {
@@ -190,7 +191,7 @@ def _wrong_shape_checkpoint(path):
 def test_bad_input_gives_one_clear_line(launcher, kind, inputs, tmp_path):
     case = CASES[launcher, kind]
     args = [a(inputs) if callable(a) else a for a in case.args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags(1))
     out = subprocess.run(
         [sys.executable, LAUNCHERS[launcher], *args],
         capture_output=True,

@@ -170,6 +170,8 @@ def test_reduced_comparison(tmp_path, monkeypatch):
     c = compare_config.get_config("tiny")
     c.data.batch_size = 8  # the 8 test devices (conftest)
     c.total_steps, c.compare.kl_every = 3, 2  # the curve: start, the probe at step 2 and the end point
+    c.data.train_size = 32  # 4 batches of seqkd teacher answers; 3 steps use 24 records
+    c.eval.tasks = ("scene", "caption")  # the table's mechanics; every task's scorer: tests/test_eval_*.py
     methods = ("sft", "seqkd", "alpha0")  # word_kd: test_every_method_changes_what_it_names
     c.compare.update(methods=methods, compile_cache=False)  # no process-wide cache setting from a test
     starts = []

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from conftest import shared_data_dir
 from multiproc_testlib import run_processes
+from xla_flags import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -61,7 +62,7 @@ def train_cmd(root, workdir, *extra):
 
 
 def env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, XLA_FLAGS=xla_flags(devices))
 
 
 def losses(workdir) -> list[float]:

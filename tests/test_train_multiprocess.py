@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from multiproc_testlib import run_processes
+from xla_flags import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ def cmd(workdir, *extra):
 
 
 def env(devices):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, XLA_FLAGS=xla_flags(devices))
 
 
 def load_numpy(path):

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from xla_flags import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ def train(workdir, *flags, expect_rc=0, stage="distill", max_file_bytes=None):
         stage,
         *flags,
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == expect_rc, (out.returncode, out.stderr[-3000:])
     return out.stderr + out.stdout
