@@ -283,4 +283,3 @@ def _decode_step(student, teacher, cfg: SamplingConfig, c, *, eos_id, pad_id, ke
         if keep:
             out["t_hid"] = jax.lax.dynamic_update_slice_in_dim(c["t_hid"], t_step.last_hidden, t + 1, 1)
     return out
-
