@@ -11,6 +11,7 @@ from flax import nnx
 from test_distill_step import IMG, build, full_spec, make_batch
 
 from configs import compare as compare_config
+from configs import distill as distill_config
 from rskd_jax.data import load_tokenizer
 from rskd_jax.distill import rollout as R
 from rskd_jax.distill import step as S
@@ -73,9 +74,7 @@ def test_minillm_code_is_pinned_against_recipe_changes():
 def test_demo_recipe_is_no_pg_and_the_comparison_keeps_the_full_method():
     """The README demo distils with the comparison's `no_pg` recipe (docs/results.md); the comparison's `full`
     and `minillm` keep the paper's long-term PG term."""
-    from configs import distill
-
-    demo = S.spec_from_config(distill.get_config("demo"), _Cfg)
+    demo = S.spec_from_config(distill_config.get_config("demo"), _Cfg)
     c = compare_config.get_config()
     full, no_pg = (S.spec_from_config(C.method_config(c, m), _Cfg) for m in ("full", "no_pg"))
     assert demo.w("pg") == 0 and full.w("pg") == 1 and C.method_config(c, "minillm").loss.weights.pg == 1

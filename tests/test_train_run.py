@@ -60,6 +60,12 @@ def logged(workdir):
     }
 
 
+def _answers(path) -> dict:
+    """{id: answer, whitespace collapsed, lower case} of a predictions JSONL."""
+    rows = (json.loads(x) for x in path.read_text().splitlines() if x.strip())
+    return {r["id"]: " ".join(r["prediction"].split()).lower() for r in rows}
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One uninterrupted run of the whole tiny demo (all stages + report)."""
@@ -94,11 +100,10 @@ def test_demo_report(finished_run):
     for name, row in rep["agreement"].items():
         assert row, name
         for stem, value in row.items():
-            read = lambda who, stem=stem: {
-                r["id"]: " ".join(r["prediction"].split()).lower()
-                for r in map(json.loads, (a / "eval" / who / "predictions" / f"{stem}.jsonl").open())
-            }
-            t, s = read("teacher"), read(name.replace(" ", "_"))
+            t, s = (
+                _answers(a / "eval" / who / "predictions" / f"{stem}.jsonl")
+                for who in ("teacher", name.replace(" ", "_"))
+            )
             assert value == pytest.approx(100 * sum(t[k] == s[k] for k in t) / len(t)), (name, stem)
     assert (a / "distill_curves.png").stat().st_size > 1000
     assert set(rep["curves"]) >= {"loss/rkl", "loss/pg", "loss/total", "rollout/rev_kl_k3"}

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+from rskd_jax.data.errors import DataError
+
 
 def _norm(text) -> str:
     return " ".join(str(text or "").split()).lower()
@@ -26,7 +28,7 @@ def _rows(path: pathlib.Path) -> dict:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(
+            raise DataError(
                 f"{path}: line {i + 1} is not JSON ({e.msg}); expected a predictions row"
             ) from None
         key = row.get("id")
